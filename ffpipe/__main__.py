@@ -1,0 +1,3 @@
+from ffpipe.cli import app
+
+app(prog_name="ffpipe")

@@ -1,0 +1,167 @@
+"""The `ffpipe` command line: parse options, build a config, call one function. Errors become exit code 1 here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ffpipe import __version__
+from ffpipe.checkpoint import CheckpointError
+from ffpipe.data import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="Forward-Forward training, one process per layer.")
+err = Console(stderr=True)
+
+_PANEL_DATA, _PANEL_MODEL, _PANEL_TRAIN, _PANEL_RUN = "Data", "Model", "Training", "Machinery"
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated widths such as 500,500; got {text!r}") from None
+    if not widths or min(widths) <= 0:
+        raise typer.BadParameter(f"expected positive widths such as 500,500; got {text!r}")
+    return widths
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ffpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Forward-Forward training: in one process, or as a pipeline with one process per layer."""
+
+
+@app.command()
+def run(
+    preset: Annotated[str, typer.Option(help="Named recipe: quick, hinton or seed (`ffpipe presets` lists them).", envvar="FFPIPE_PRESET", rich_help_panel=_PANEL_TRAIN)] = "quick",
+    dataset: Annotated[Optional[str], typer.Option(help="auto, mnist, fashion-mnist, cifar10, fer2013 or digits. auto: MNIST if found or downloadable, else scikit-learn's 8x8 digits.", envvar="FFPIPE_DATASET", rich_help_panel=_PANEL_DATA)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets (default ./data).", envvar="FFPIPE_DATA_DIR", rich_help_panel=_PANEL_DATA)] = None,
+    download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing datasets with torchvision.", rich_help_panel=_PANEL_DATA)] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Hold out this many training images for validation (evaluated instead of test during training).", rich_help_panel=_PANEL_DATA)] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, e.g. 1000,1000,1000.", rich_help_panel=_PANEL_MODEL)] = None,
+    norm: Annotated[Optional[str], typer.Option(help="Input normalization of every layer: rms or l2.", rich_help_panel=_PANEL_MODEL)] = None,
+    goodness: Annotated[Optional[str], typer.Option(help="Goodness: sum or mean of squared activities.", rich_help_panel=_PANEL_MODEL)] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Goodness threshold per unit (times the width for sum goodness).", rich_help_panel=_PANEL_MODEL)] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Layer loss: threshold or symba.", rich_help_panel=_PANEL_MODEL)] = None,
+    peer_norm: Annotated[Optional[float], typer.Option(help="Weight of peer normalization (0 = off).", rich_help_panel=_PANEL_MODEL)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set.", rich_help_panel=_PANEL_TRAIN)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per mini-batch (each gives a positive and a negative).", rich_help_panel=_PANEL_TRAIN)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate of every FF layer.", rich_help_panel=_PANEL_TRAIN)] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd (with momentum) or adam.", rich_help_panel=_PANEL_TRAIN)] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="constant, linear-half or cosine.", rich_help_panel=_PANEL_TRAIN)] = None,
+    negatives: Annotated[Optional[str], typer.Option(help="hard (sampled from the network's belief) or random wrong labels.", rich_help_panel=_PANEL_TRAIN)] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="joint (every layer on every batch) or greedy (layer after layer).", rich_help_panel=_PANEL_TRAIN)] = None,
+    predict: Annotated[Optional[str], typer.Option(help="goodness (per-label goodness) or readout (neutral pass + linear readout).", rich_help_panel=_PANEL_TRAIN)] = None,
+    skip_first: Annotated[Optional[bool], typer.Option("--skip-first/--no-skip-first", help="Leave the first layer out of the goodness sum.", rich_help_panel=_PANEL_TRAIN)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N epochs (0 = only at the end).", rich_help_panel=_PANEL_TRAIN)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of initialization, shuffling and negatives.", rich_help_panel=_PANEL_RUN)] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device: cpu, cuda, cuda:1, ...", envvar="FFPIPE_DEVICE", rich_help_panel=_PANEL_RUN)] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (0 = one per core).", envvar="FFPIPE_THREADS", rich_help_panel=_PANEL_RUN)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder for summary.json, metrics.jsonl and checkpoint.pt (default runs/latest).", envvar="FFPIPE_OUT", rich_help_panel=_PANEL_RUN)] = None,
+    inprocess: Annotated[bool, typer.Option("--inprocess", help="Run every layer in this one process.", rich_help_panel=_PANEL_RUN)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=_PANEL_RUN)] = False,
+) -> None:
+    """Train a Forward-Forward network and evaluate it; writes a run folder."""
+    from ffpipe import config, data as datasets, inprocess as trainer
+
+    try:
+        cfg = config.preset(
+            preset, dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
+            layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+            predict=predict, skip_first=skip_first, eval_every=eval_every, seed=seed, device=device, threads=threads,
+            out=str(out) if out else None,
+        )
+        cfg = config.override_nested(
+            cfg, layer=dict(norm=norm, goodness=goodness, threshold=threshold, loss=loss, peer_norm=peer_norm),
+            optim=dict(lr=lr, name=optimizer, schedule=lr_schedule),
+        )
+        if not inprocess:
+            err.print("ffpipe: the multi-process pipeline is not built yet; running in-process (--inprocess)")
+        data = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download, val_size=cfg.val_size)
+        trainer.train(cfg, data, show_progress=not quiet)
+    except (ValueError, DataError, CheckpointError) as e:
+        raise _fail(str(e)) from None
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Option(help="Run folder (or checkpoint.pt) to evaluate.")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets (default: the one the run used).", envvar="FFPIPE_DATA_DIR")] = None,
+    split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
+    predict: Annotated[Optional[str], typer.Option(help="goodness or readout (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
+) -> None:
+    """Re-evaluate a saved model on a dataset split and print its accuracy as JSON."""
+    from ffpipe import data as datasets
+    from ffpipe.serve import load_model
+    from ffpipe.model import evaluate
+
+    try:
+        net, meta = load_model(checkpoint, device)
+        cfg = net.cfg
+        if split not in ("test", "val", "train"):
+            raise ValueError(f"split must be test, val or train; got {split!r}")
+        if predict not in (None, "goodness", "readout"):
+            raise ValueError(f"predict must be goodness or readout; got {predict!r}")
+        data = datasets.load(meta["name"], data_dir or cfg.data_dir, download=cfg.download, val_size=cfg.val_size)
+        part = {"test": data.test, "val": data.val, "train": data.train}[split]
+        if part is None:
+            raise ValueError("this run held out no validation set (val_size 0)")
+        result = evaluate(net, part.x, part.y, mode=predict)
+        typer.echo(json.dumps({"checkpoint": str(checkpoint), "dataset": data.name, "split": split,
+                               "predict": predict or cfg.predict, "samples": len(part), "accuracy": result["accuracy"]}))
+    except (ValueError, DataError, CheckpointError) as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify (converted to the model's input size).")],
+    checkpoint: Annotated[Path, typer.Option(help="Run folder (or checkpoint.pt) of a trained model.")],
+    mode: Annotated[Optional[str], typer.Option("--predict", help="goodness or readout (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
+) -> None:
+    """Classify image files with a trained model; prints one JSON line per image."""
+    from ffpipe.serve import classify_files, load_model
+
+    try:
+        if mode not in (None, "goodness", "readout"):
+            raise ValueError(f"--predict must be goodness or readout; got {mode!r}")
+        net, meta = load_model(checkpoint, device)
+        for row in classify_files(net, meta, images, mode):
+            typer.echo(json.dumps(row))
+    except (ValueError, DataError, CheckpointError) as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def presets() -> None:
+    """List the named presets and what each sets."""
+    from ffpipe.config import PRESETS, preset as make
+
+    table = Table("preset", "layers", "epochs", "batch", "schedule", "negatives", "optimizer", "layer math")
+    for name in PRESETS:
+        c = make(name)
+        table.add_row(name, ",".join(map(str, c.layers)), str(c.epochs), str(c.batch_size), c.schedule, c.negatives,
+                      f"{c.optim.name} lr {c.optim.lr:g} {c.optim.schedule}",
+                      f"{c.layer.norm} norm, {c.layer.goodness} goodness, threshold {c.layer.threshold:g}, {c.layer.loss}, peer {c.layer.peer_norm:g}")
+    Console().print(table)

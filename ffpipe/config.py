@@ -1,0 +1,190 @@
+"""Frozen, validated configs and the named presets. Explicit CLI flags override a preset's fields.
+
+Invalid settings raise `ValueError` with a message meant for the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DATASETS = ("auto", "mnist", "fashion-mnist", "cifar10", "fer2013", "digits")
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerConfig:
+    """The math of one FF layer."""
+
+    norm: str = "rms"  # input normalization: "rms" (Hinton's code) or "l2" (the popular example)
+    goodness: str = "sum"  # "sum" or "mean" of squared activities
+    threshold: float = 1.0  # per unit: sum goodness is compared with threshold * width
+    loss: str = "threshold"  # "threshold": softplus(theta - g_pos) + softplus(g_neg - theta); "symba"
+    symba_alpha: float = 4.0  # SymBa's sharpness (loss = softplus(-alpha * (g_pos - g_neg)))
+    peer_norm: float = 0.03  # weight of the peer-normalization loss (0 = off)
+    peer_momentum: float = 0.9  # running mean of unit activity for peer normalization
+    relu_grad: str = "full"  # "full": identity gradient through the ReLU (no dead units); "standard"
+    init: str = "normal"  # "normal": N(0, 1/out_features); "torch": nn.Linear's default
+
+    def __post_init__(self):
+        _choice("norm", self.norm, ("rms", "l2"))
+        _choice("goodness", self.goodness, ("sum", "mean"))
+        _choice("loss", self.loss, ("threshold", "symba"))
+        _choice("relu_grad", self.relu_grad, ("full", "standard"))
+        _choice("init", self.init, ("normal", "torch"))
+        _positive("peer_norm", self.peer_norm, allow_zero=True)
+        if not 0 <= self.peer_momentum < 1:
+            raise ValueError(f"peer_momentum must be in [0, 1); got {self.peer_momentum}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """A layer's (or the readout's) own optimizer and learning-rate schedule."""
+
+    name: str = "sgd"  # "sgd" (with momentum) or "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 3e-4
+    schedule: str = "linear-half"  # "constant", "linear-half" (decay over the second half), "cosine"
+
+    def __post_init__(self):
+        _choice("optimizer", self.name, ("sgd", "adam"))
+        _choice("lr schedule", self.schedule, ("constant", "linear-half", "cosine"))
+        _positive("lr", self.lr)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything a training run needs. Build one with `preset(name, **overrides)`."""
+
+    preset: str = "custom"
+    # data
+    dataset: str = "auto"  # "auto": MNIST if present or downloadable, else scikit-learn's 8x8 digits
+    data_dir: str = "data"
+    download: bool = True  # try torchvision's download when files are missing
+    val_size: int = 0  # images held out from the end of the training set; 0 = evaluate on the test set
+    standardize: bool = False  # subtract the dataset mean and divide by its std (the popular example does)
+    label_value: float | None = 1.0  # value written into the one-hot label slot; None = the batch's max pixel
+    # model
+    layers: tuple[int, ...] = (1000, 1000, 1000)
+    layer: LayerConfig = field(default_factory=LayerConfig)
+    # training
+    epochs: int = 60
+    batch_size: int = 100
+    schedule: str = "joint"  # "joint": every layer on every batch; "greedy": one layer after another
+    negatives: str = "hard"  # "hard": wrong labels sampled from the network's belief; "random": uniform
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    readout_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, weight_decay=3e-3))
+    # prediction
+    predict: str = "goodness"  # "goodness": argmax of per-label goodness; "readout": one neutral pass + linear
+    skip_first: bool = True  # leave the first hidden layer out of the goodness sum (Hinton does)
+    # machinery
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch threads; 0 = one per core
+    eval_every: int = 1  # epochs between evaluations (0 = only at the end)
+    log_every: int = 100  # batches between metrics.jsonl records
+    out: str = "runs/latest"
+
+    def __post_init__(self):
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("schedule", self.schedule, ("joint", "greedy"))
+        _choice("negatives", self.negatives, ("hard", "random"))
+        _choice("predict", self.predict, ("goodness", "readout"))
+        if not self.layers:
+            raise ValueError("layers must name at least one hidden layer, e.g. 500,500")
+        for width in self.layers:
+            _positive("every layer width", width)
+        if self.skip_first and self.predict == "goodness" and len(self.layers) < 2:
+            raise ValueError("skip_first needs at least two layers; pass --no-skip-first for a one-layer net")
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("val_size", self.val_size, allow_zero=True)
+        _positive("threads", self.threads, allow_zero=True)
+        _positive("eval_every", self.eval_every, allow_zero=True)
+        _positive("log_every", self.log_every)
+
+    @property
+    def uses_readout(self) -> bool:
+        """The linear readout is trained when it predicts or when it chooses the hard negatives."""
+        return self.predict == "readout" or self.negatives == "hard"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = dict(d)
+        d["layers"] = tuple(d["layers"])
+        d["layer"] = LayerConfig(**d["layer"])
+        d["optim"] = OptimConfig(**d["optim"])
+        d["readout_optim"] = OptimConfig(**d["readout_optim"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+
+# Named presets: only the fields that differ from RunConfig's defaults.
+PRESETS: dict[str, dict] = {
+    # A real run in about a minute on two cores: the hinton recipe, smaller and shorter.
+    "quick": dict(layers=(500, 500), epochs=5),
+    # Hinton's supervised MNIST recipe as in his code and loeweX's reimplementation: RMS norm, sum goodness
+    # with threshold = width, peer normalization, mini-batches of 100, every layer on every batch, SGD with
+    # momentum and a linear lr decay over the second half, hard negatives from a linear readout.
+    "hinton": dict(layers=(1000, 1000, 1000), epochs=60),
+    # The popular PyTorch example the seed report used: 784-500-500, one full batch of 50,000 images, 1000
+    # epochs per layer trained one layer after another, Adam lr 0.03, L2 norm, mean goodness, threshold 2.
+    "seed": dict(
+        dataset="mnist",
+        layers=(500, 500),
+        epochs=1000,
+        batch_size=50_000,
+        val_size=10_000,  # the example trains on the first 50,000 training images
+        standardize=True,
+        label_value=None,
+        schedule="greedy",
+        negatives="random",
+        skip_first=False,
+        layer=LayerConfig(norm="l2", goodness="mean", threshold=2.0, peer_norm=0.0, relu_grad="standard", init="torch"),
+        optim=OptimConfig(name="adam", lr=0.03, weight_decay=0.0, schedule="constant"),
+        eval_every=0,
+        log_every=50,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> RunConfig:
+    """The named preset with `overrides` applied (None values are ignored: they mean 'not given')."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return RunConfig(preset=name, **fields)
+
+
+def override_nested(cfg: RunConfig, **groups: dict) -> RunConfig:
+    """Replace fields of the nested configs (layer=..., optim=...), ignoring None values."""
+    changes = {}
+    for name, values in groups.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            changes[name] = dataclasses.replace(getattr(cfg, name), **given)
+    return dataclasses.replace(cfg, **changes) if changes else cfg

@@ -1,0 +1,185 @@
+"""The in-process trainer: every FF layer in one loop, one process. Also the reference the pipeline must match.
+
+Per mini-batch ("joint" schedule, Hinton's): overlay the true label (positives) and a wrong one (negatives),
+then each layer in turn makes one local update and hands its detached outputs to the next. With hard
+negatives, a neutral-label pass first gives the readout's belief, which trains the readout and picks the
+wrong labels. The "greedy" schedule (the popular example's) trains layer 0 for all epochs, then layer 1, ...
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ffpipe import checkpoint, ff
+from ffpipe.config import RunConfig
+from ffpipe.data import Data, channel_stats
+from ffpipe.layer import local_update, make_optimizer, set_lr
+from ffpipe.metrics import MetricsWriter, write_json
+from ffpipe.model import FFNet, evaluate, readout_step
+from ffpipe.progress import RunProgress
+
+TARGETS = (0.93, 0.98)  # accuracies whose time-to-reach the summary records
+
+
+def set_threads(threads: int) -> int:
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def build(cfg: RunConfig, data: Data) -> FFNet:
+    torch.manual_seed(cfg.seed)
+    net = FFNet(data.shape, data.num_classes, cfg)
+    if cfg.standardize:
+        mean, std = channel_stats(data.train.x)
+        net.input_mean.copy_(mean)
+        net.input_std.copy_(std)
+    return net.to(cfg.device)
+
+
+def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, only_layer: int | None = None):
+    """One mini-batch. Returns the per-layer StepResults that ran (one layer when `only_layer` is set)."""
+    cfg, c = net.cfg, net.num_classes
+    x = net.inputs(images)  # (B, D)
+    y = labels.to(x.device)
+    value = net.label_value(x)
+    logits = None
+    if cfg.uses_readout and only_layer is None:
+        with torch.no_grad():
+            acts = net.activities(ff.overlay(x, None, c, value))
+        logits = readout_step(net, ro_opt, net.readout_features(acts), y)
+    if cfg.negatives == "hard" and logits is not None:
+        neg = ff.hard_wrong_labels(logits.cpu(), labels, gen)
+    else:
+        neg = ff.random_wrong_labels(labels, c, gen)
+    x_pos, x_neg = ff.overlay(x, y, c, value), ff.overlay(x, neg.to(x.device), c, value)
+    results = []
+    for i, (layer, opt) in enumerate(zip(net.layers, opts)):
+        if only_layer is not None and i < only_layer:  # greedy: earlier layers are frozen
+            with torch.no_grad():
+                x_pos, x_neg = layer(x_pos), layer(x_neg)
+            continue
+        r = local_update(layer, opt, x_pos, x_neg)
+        results.append(r)
+        if only_layer is not None:
+            break
+        x_pos, x_neg = r.h_pos, r.h_neg
+    return results
+
+
+def checkpoint_payload(net: FFNet, opts, ro_opt, data: Data, epoch: int, batches: int) -> dict:
+    return {
+        "config": net.cfg.to_json(),
+        "model": net.state_dict(),
+        "optimizers": [o.state_dict() for o in opts],
+        "readout_optimizer": ro_opt.state_dict(),
+        "epoch": epoch,
+        "batches": batches,
+        "data": {"name": data.name, "shape": list(data.shape), "classes": data.classes},
+    }
+
+
+def train(cfg: RunConfig, data: Data, *, show_progress: bool = True) -> dict:
+    """Train and evaluate in one process; write metrics.jsonl, checkpoint.pt and summary.json under cfg.out."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = set_threads(cfg.threads)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = build(cfg, data)
+    opts = [make_optimizer(layer.parameters(), cfg.optim) for layer in net.layers]
+    ro_opt = make_optimizer(net.readout.parameters(), cfg.readout_optim)
+    eval_split, eval_name = (data.val, "val") if data.val is not None else (data.test, "test")
+    n_train, bs = len(data.train), cfg.batch_size
+    batches_per_epoch = (n_train + bs - 1) // bs
+    phases = list(range(len(net.layers))) if cfg.schedule == "greedy" else [None]
+    total_batches = batches_per_epoch * cfg.epochs * len(phases)
+
+    history, time_to = [], {}
+    train_s, batches_done, samples_done = 0.0, 0, 0
+    wall0 = time.perf_counter()
+    progress = RunProgress(total_batches, enabled=show_progress)
+    progress.log(
+        f"ffpipe: in-process {cfg.preset} run on {data.name} ({n_train:,} train, {len(eval_split):,} {eval_name}) "
+        f"from {data.source}; layers {list(cfg.layers)}, batch {bs}, {cfg.epochs} epochs, {cfg.device}, {threads} threads"
+    )
+    with MetricsWriter(out / "metrics.jsonl") as metrics, progress:
+        for phase in phases:
+            for epoch in range(cfg.epochs):
+                set_lr_all(opts, ro_opt, cfg, epoch)
+                perm = torch.randperm(n_train, generator=gen)
+                t0 = time.perf_counter()
+                for b in range(batches_per_epoch):
+                    idx = perm[b * bs : (b + 1) * bs]
+                    results = train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen, only_layer=phase)
+                    batches_done += 1
+                    samples_done += len(idx)
+                    if batches_done % cfg.log_every == 0 or b == batches_per_epoch - 1:
+                        elapsed = train_s + time.perf_counter() - t0
+                        first = 0 if phase is None else phase
+                        for j, r in enumerate(results):
+                            metrics.write({"kind": "train", "epoch": epoch, "batch": batches_done, "layer": first + j,
+                                           "loss": r.loss.item(), "g_pos": r.g_pos.item(), "g_neg": r.g_neg.item()})
+                        progress.status([r.loss.item() for r in results], samples_done / max(elapsed, 1e-9), epoch + 1)
+                    progress.advance()
+                train_s += time.perf_counter() - t0
+                last = epoch == cfg.epochs - 1 and phase in (None, phases[-1])
+                if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and phase in (None, phases[-1])):
+                    record = _evaluate(net, eval_split, epoch + 1, train_s, wall0)
+                    record["split"] = eval_name
+                    history.append(record)
+                    metrics.write({"kind": "eval", **record})
+                    for target in TARGETS:
+                        if eval_name == "test" and record["accuracy"] >= target and str(target) not in time_to:
+                            time_to[str(target)] = round(train_s, 2)
+                    progress.log(
+                        f"epoch {epoch + 1:>4}/{cfg.epochs}  {eval_name} accuracy {record['accuracy']:.4f}"
+                        + (f" (readout {record['readout_accuracy']:.4f})" if "readout_accuracy" in record else "")
+                        + f"  train {train_s:,.0f}s  {samples_done / max(train_s, 1e-9):,.0f} samples/s"
+                    )
+                if phase is None or phase == phases[-1]:
+                    checkpoint.save(out / checkpoint.FILENAME, checkpoint_payload(net, opts, ro_opt, data, epoch + 1, batches_done))
+
+    final = history[-1]
+    test = final if eval_name == "test" else _evaluate(net, data.test, cfg.epochs, train_s, wall0)
+    summary = {
+        "dataset": data.name,
+        "data_source": data.source,
+        "mode": "inprocess",
+        "preset": cfg.preset,
+        "layers": list(cfg.layers),
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "test_accuracy": test["accuracy"],
+        "val_accuracy": final["accuracy"] if eval_name == "val" else None,
+        "predict": cfg.predict,
+        "train_samples_per_s": samples_done / train_s,
+        "train_s": train_s,
+        "wall_s": time.perf_counter() - wall0,
+        "time_to_accuracy_s": time_to,
+        "threads": threads,
+        "device": cfg.device,
+        "history": history,
+        "config": cfg.to_dict(),
+    }
+    write_json(out / "summary.json", summary)
+    progress.log(f"ffpipe: test accuracy {test['accuracy']:.4f}; wrote {out}/summary.json, metrics.jsonl, {checkpoint.FILENAME}")
+    return summary
+
+
+def set_lr_all(opts, ro_opt, cfg: RunConfig, epoch: int) -> None:
+    for opt in opts:
+        set_lr(opt, cfg.optim.lr * ff.lr_factor(epoch, cfg.epochs, cfg.optim.schedule))
+    set_lr(ro_opt, cfg.readout_optim.lr * ff.lr_factor(epoch, cfg.epochs, cfg.readout_optim.schedule))
+
+
+def _evaluate(net: FFNet, split, epoch: int, train_s: float, wall0: float) -> dict:
+    t0 = time.perf_counter()
+    record = {"epoch": epoch, "accuracy": evaluate(net, split.x, split.y)["accuracy"]}
+    if net.cfg.uses_readout and net.cfg.predict != "readout":
+        record["readout_accuracy"] = evaluate(net, split.x, split.y, mode="readout")["accuracy"]
+    record.update(train_s=round(train_s, 2), eval_s=round(time.perf_counter() - t0, 2), wall_s=round(time.perf_counter() - wall0, 2))
+    return record

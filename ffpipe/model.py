@@ -1,0 +1,105 @@
+"""A stack of FF layers with input preparation, a linear readout and batched prediction.
+
+Used whole by the in-process trainer and by evaluation; the pipeline splits it into its layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ffpipe import ff
+from ffpipe.config import RunConfig
+from ffpipe.layer import FFLayer
+
+
+class FFNet(nn.Module):
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, cfg: RunConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        c, h, w = in_shape
+        widths = [c * h * w, *cfg.layers]
+        if widths[0] <= num_classes:
+            raise ValueError(f"inputs of {widths[0]} features cannot hold a {num_classes}-class label overlay")
+        self.layers = nn.ModuleList(FFLayer(i, o, cfg.layer) for i, o in zip(widths[:-1], widths[1:]))
+        self.readout = nn.Linear(sum(self._readout_widths()), num_classes, bias=False)
+        nn.init.zeros_(self.readout.weight)
+        # Per-channel input statistics, set by the trainer from the training data when cfg.standardize.
+        self.register_buffer("input_mean", torch.zeros(c))
+        self.register_buffer("input_std", torch.ones(c))
+
+    def _readout_widths(self) -> list[int]:
+        return list(self.cfg.layers[1:] if len(self.cfg.layers) > 1 else self.cfg.layers)
+
+    @property
+    def first_scored(self) -> int:
+        """Index of the first layer whose goodness counts towards prediction."""
+        return 1 if self.cfg.skip_first and len(self.layers) > 1 else 0
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images to flat float inputs. (B, C, H, W) -> (B, D)"""
+        x = images.to(self.input_mean.device, torch.float32).div_(255)
+        if self.cfg.standardize:
+            x = (x - self.input_mean[:, None, None]) / self.input_std[:, None, None]
+        return x.flatten(1)
+
+    def label_value(self, x: torch.Tensor) -> float:
+        return float(x.max()) if self.cfg.label_value is None else self.cfg.label_value
+
+    def activities(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output for already-overlaid inputs. (B, D) -> [(B, H_l)]"""
+        acts = []
+        for layer in self.layers:
+            x = layer(x)
+            acts.append(x)
+        return acts
+
+    def readout_features(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        """Normalized activities of the scored layers, side by side. -> (B, sum H)"""
+        used = acts[1:] if len(acts) > 1 else acts
+        return torch.cat([ff.normalize(a, self.cfg.layer.norm) for a in used], dim=1)
+
+    @torch.no_grad()
+    def neutral_logits(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        """One pass with the neutral label, then the linear readout. (B, D) -> (B, C)"""
+        acts = self.activities(ff.overlay(x, None, self.num_classes, value))
+        return self.readout(self.readout_features(acts))
+
+    @torch.no_grad()
+    def label_goodness(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        """Goodness of every candidate label, summed over the scored layers. (B, D) -> (B, C)"""
+        b, c = x.shape[0], self.num_classes
+        acts = self.activities(ff.overlay_all_labels(x, c, value))  # [(B*C, H)]
+        total = sum(layer.goodness(a) for layer, a in list(zip(self.layers, acts))[self.first_scored :])
+        return total.view(b, c)
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Per-class scores for flat inputs; argmax is the prediction. (B, D) -> (B, C)"""
+        value = self.label_value(x)
+        if (mode or self.cfg.predict) == "readout":
+            return self.neutral_logits(x, value)
+        return self.label_goodness(x, value)
+
+
+def readout_step(net: FFNet, optimizer: torch.optim.Optimizer, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One step of the linear readout on detached FF activities (no gradient reaches the FF layers)."""
+    logits = net.readout(features.detach())
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach()
+
+
+@torch.no_grad()
+def evaluate(net: FFNet, images: torch.Tensor, labels: torch.Tensor, mode: str | None = None, batch_size: int = 1000) -> dict:
+    """Accuracy and predictions over a whole split, in batches. Returns {"accuracy", "predictions"}."""
+    preds = []
+    for i in range(0, len(labels), batch_size):
+        x = net.inputs(images[i : i + batch_size])
+        preds.append(net.scores(x, mode).argmax(dim=1).cpu())
+    predictions = torch.cat(preds)
+    return {"accuracy": (predictions == labels).float().mean().item(), "predictions": predictions}

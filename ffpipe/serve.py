@@ -1,0 +1,51 @@
+"""Using a trained model: load it from a checkpoint, classify image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ffpipe import checkpoint
+from ffpipe.config import RunConfig
+from ffpipe.data import DataError
+from ffpipe.model import FFNet
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[FFNet, dict]:
+    """Rebuild the net from a checkpoint (weights_only=True); returns it in eval mode with the data metadata."""
+    payload = checkpoint.load(path, map_location=device)
+    try:
+        cfg = RunConfig.from_json(payload["config"])
+        meta = payload["data"]
+        net = FFNet(tuple(meta["shape"]), len(meta["classes"]), cfg)
+        net.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(f"{checkpoint.resolve(path)}: checkpoint does not match its config ({e})") from e
+    return net.to(device).eval(), meta
+
+
+def read_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """An image file as the model's uint8 input: converted to its channels and resized. -> (C, H, W)"""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+    t = torch.from_numpy(arr.copy())
+    return t[None] if c == 1 else t.permute(2, 0, 1)
+
+
+def classify_files(net: FFNet, meta: dict, paths: list[Path], mode: str | None = None) -> list[dict]:
+    images = torch.stack([read_image(p, tuple(meta["shape"])) for p in paths])
+    scores = net.scores(net.inputs(images), mode)
+    rows = []
+    for path, s in zip(paths, scores):
+        label = int(s.argmax())
+        rows.append({"image": str(path), "label": label, "class": meta["classes"][label], "scores": [round(float(v), 4) for v in s]})
+    return rows
