@@ -15,7 +15,7 @@ from ffpipe.checkpoint import CheckpointError
 from ffpipe.data import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Forward-Forward training, one process per layer.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 _PANEL_DATA, _PANEL_MODEL, _PANEL_TRAIN, _PANEL_RUN = "Data", "Model", "Training", "Machinery"
 
@@ -83,20 +83,24 @@ def run(
     """Train a Forward-Forward network and evaluate it; writes a run folder."""
     from ffpipe import config, data as datasets, inprocess as trainer
 
+    flags = dict(
+        dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
+        layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+        predict=predict, skip_first=skip_first, eval_every=eval_every, seed=seed, device=device, threads=threads,
+        out=str(out) if out else None,
+    )
+    nested = dict(
+        layer=dict(norm=norm, goodness=goodness, threshold=threshold, loss=loss, peer_norm=peer_norm),
+        optim=dict(lr=lr, name=optimizer, schedule=lr_schedule),
+    )
     try:
-        cfg = config.preset(
-            preset, dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
-            layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
-            predict=predict, skip_first=skip_first, eval_every=eval_every, seed=seed, device=device, threads=threads,
-            out=str(out) if out else None,
-        )
-        cfg = config.override_nested(
-            cfg, layer=dict(norm=norm, goodness=goodness, threshold=threshold, loss=loss, peer_norm=peer_norm),
-            optim=dict(lr=lr, name=optimizer, schedule=lr_schedule),
-        )
+        cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
+        data = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download)
+        if data.name != cfg.dataset:  # "auto" resolved: apply the preset's defaults for that dataset
+            cfg = config.override_nested(config.preset(preset, **{**flags, "dataset": data.name}), **nested)
+        data = datasets.hold_out(data, cfg.val_size)
         if not inprocess:
             err.print("ffpipe: the multi-process pipeline is not built yet; running in-process (--inprocess)")
-        data = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download, val_size=cfg.val_size)
         trainer.train(cfg, data, show_progress=not quiet)
     except (ValueError, DataError, CheckpointError) as e:
         raise _fail(str(e)) from None

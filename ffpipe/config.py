@@ -172,11 +172,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Per-dataset adjustments of a preset, applied before explicit overrides. The 1,797 8x8 digits are
+# 40x smaller than MNIST, so the quick preset needs more epochs there to learn anything.
+PRESET_DATASET_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("quick", "digits"): dict(epochs=40, batch_size=50),
+}
+
+
 def preset(name: str, **overrides) -> RunConfig:
     """The named preset with `overrides` applied (None values are ignored: they mean 'not given')."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    dataset = given.get("dataset", PRESETS[name].get("dataset"))
+    fields = {**PRESETS[name], **PRESET_DATASET_DEFAULTS.get((name, dataset), {}), **given}
     return RunConfig(preset=name, **fields)
 
 

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import os
 import socket
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ import torch
 
 class DataError(Exception):
     """A dataset is missing, incomplete or corrupt. The message names the path and what was expected."""
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -132,7 +137,7 @@ def _torchvision_download(tv_name: str, data_dir: Path) -> None:
         for train in (True, False):
             cls(root=str(data_dir), train=train, download=True)
     except Exception as e:  # noqa: BLE001 - any download failure means "not available"; reported by the caller
-        print(f"ffpipe: could not download {tv_name} into {data_dir}: {type(e).__name__}: {e}")
+        _note(f"ffpipe: could not download {tv_name} into {data_dir}: {type(e).__name__}: {e}")
     finally:
         socket.setdefaulttimeout(old)
 
@@ -240,7 +245,7 @@ def _load_cifar10(data_dir: Path, download: bool) -> Data:
         try:
             return official(True)
         except Exception as e:  # noqa: BLE001
-            print(f"ffpipe: could not download CIFAR-10 into {data_dir}: {type(e).__name__}: {e}")
+            _note(f"ffpipe: could not download CIFAR-10 into {data_dir}: {type(e).__name__}: {e}")
         finally:
             socket.setdefaulttimeout(old)
     raise DataError(
@@ -309,7 +314,7 @@ def load(name: str, data_dir: str | Path, *, download: bool = True, val_size: in
         try:
             data = _load_idx_dataset("mnist", data_dir, download)
         except DataError as e:
-            print(f"ffpipe: MNIST unavailable ({e}); using scikit-learn's 8x8 digits instead")
+            _note(f"ffpipe: MNIST unavailable ({e}); using scikit-learn's 8x8 digits instead")
             data = _load_digits()
     elif name in ("mnist", "fashion-mnist"):
         data = _load_idx_dataset(name, data_dir, download)
@@ -321,13 +326,18 @@ def load(name: str, data_dir: str | Path, *, download: bool = True, val_size: in
         data = _load_digits()
     else:
         raise DataError(f"unknown dataset {name!r}")
-    if val_size:
-        if val_size >= len(data.train):
-            raise DataError(f"val_size {val_size} must be smaller than the {len(data.train)} training images")
-        n = len(data.train) - val_size
-        tr = data.train
-        data.train, data.val = Split(tr.x[:n], tr.y[:n]), Split(tr.x[n:], tr.y[n:])
-    return data
+    return hold_out(data, val_size)
+
+
+def hold_out(data: Data, val_size: int) -> Data:
+    """Move the last `val_size` training images into a validation split (deterministic, independent of the seed)."""
+    if not val_size:
+        return data
+    if val_size >= len(data.train):
+        raise DataError(f"val_size {val_size} must be smaller than the {len(data.train)} training images")
+    n = len(data.train) - val_size
+    tr = data.train
+    return Data(data.name, Split(tr.x[:n], tr.y[:n]), data.test, Split(tr.x[n:], tr.y[n:]), data.classes, data.source)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ class RunProgress:
     """Shows batches done, loss per layer and samples/s; prints an epoch line with the evaluation."""
 
     def __init__(self, total_batches: int, console: Console | None = None, enabled: bool = True):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.enabled = enabled
         self._bar = Progress(
             TextColumn("[bold]{task.description}"),

@@ -1,0 +1,110 @@
+"""The command line through typer's CliRunner: real runs, clear errors, exit codes."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_idx_dataset
+from ffpipe.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small digits run shared by the eval/predict tests."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = _run("run", "--inprocess", "--dataset", "digits", "--layers", "64,64", "--epochs", "3", "--threads", "1",
+                  "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_writes_summary(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["dataset"] == "digits" and summary["mode"] == "inprocess" and summary["epochs"] == 3
+    assert summary["layers"] == [64, 64]
+
+
+def test_default_run_without_data_falls_back_to_digits_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ./data does not exist here
+    result = _run("run", "--no-download", "--layers", "32,32", "--epochs", "1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "digits" in result.output
+    summary = json.loads((tmp_path / "runs" / "latest" / "summary.json").read_text())
+    assert summary["dataset"] == "digits" and summary["preset"] == "quick"
+
+
+def test_run_on_mnist_files_in_data_dir(tmp_path):
+    make_idx_dataset(tmp_path / "data" / "MNIST" / "raw", n_train=200, n_test=50)
+    result = _run("run", "--inprocess", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--layers", "40,40",
+                  "--epochs", "2", "--batch-size", "20", "--threads", "1", "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["dataset"] == "mnist"
+
+
+def test_eval_reproduces_the_run_accuracy(trained):
+    result = _run("eval", "--checkpoint", trained)
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads((trained / "summary.json").read_text())
+    assert line["accuracy"] == pytest.approx(summary["test_accuracy"]) and line["samples"] == 360
+
+
+def test_predict_classifies_image_files(trained, tmp_path):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"digit{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20), dtype=np.uint8)).save(p)
+        paths.append(p)
+    result = _run("predict", "--checkpoint", trained, *paths)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["image"] for r in rows] == [str(p) for p in paths]
+    assert all(0 <= r["label"] < 10 and len(r["scores"]) == 10 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--layers", "abc"], "widths"),
+        (["run", "--preset", "fastest"], "unknown preset"),
+        (["run", "--dataset", "imagenet"], "dataset must be one of"),
+        (["run", "--epochs", "0"], "epochs"),
+        (["run", "--norm", "batch"], "norm"),
+        (["run", "--dataset", "mnist", "--data-dir", "/nonexistent/ffpipe", "--no-download"], "/nonexistent/ffpipe"),
+        (["eval", "--checkpoint", "/nonexistent/run"], "no checkpoint"),
+        (["predict", "--checkpoint", "/nonexistent/run", "x.png"], "no checkpoint"),
+    ],
+)
+def test_bad_input_gives_one_clear_error_and_exit_code(args, message):
+    result = _run(*args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    result = _run("eval", "--checkpoint", tmp_path)
+    assert result.exit_code == 1 and "corrupt" in result.output
+
+
+def test_unreadable_image_is_named(trained, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    result = _run("predict", "--checkpoint", trained, bad)
+    assert result.exit_code == 1 and "bad.png" in result.output
+
+
+def test_presets_and_version():
+    result = _run("presets")
+    assert result.exit_code == 0 and all(name in result.output for name in ("quick", "hinton", "seed"))
+    assert _run("--version").output.startswith("ffpipe ")

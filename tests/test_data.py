@@ -1,0 +1,178 @@
+"""Every reader on small files generated here, in each format; clear errors for missing or corrupt data."""
+
+import gzip
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_idx_dataset, write_idx
+from ffpipe import data
+from ffpipe.data import DataError
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_in_torchvision_layout(tmp_path, compress):
+    made = make_idx_dataset(tmp_path / "MNIST" / "raw", compress=compress)
+    d = data.load("mnist", tmp_path, download=False)
+    assert d.shape == (1, 28, 28) and d.num_classes == 10
+    assert len(d.train) == 64 and len(d.test) == 32
+    assert torch.equal(d.train.x[:, 0], torch.from_numpy(made["train"][0].astype(np.uint8)))
+    assert torch.equal(d.test.y, torch.from_numpy(made["t10k"][1]).long())
+
+
+def test_fashion_mnist_flat_folder_like_debian(tmp_path):
+    make_idx_dataset(tmp_path, compress=True)
+    d = data.load("fashion-mnist", tmp_path, download=False)
+    assert d.classes[0] == "T-shirt/top" and len(d.train) == 64
+
+
+def test_validation_split_comes_from_the_end_of_train(tmp_path):
+    made = make_idx_dataset(tmp_path / "MNIST" / "raw")
+    d = data.load("mnist", tmp_path, download=False, val_size=16)
+    assert len(d.train) == 48 and len(d.val) == 16 and len(d.test) == 32
+    assert torch.equal(d.val.y, torch.from_numpy(made["train"][1][48:]).long())
+    with pytest.raises(DataError, match="val_size"):
+        data.load("mnist", tmp_path, download=False, val_size=64)
+
+
+def test_missing_mnist_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_corrupt_idx_is_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    make_idx_dataset(raw)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.load("mnist", tmp_path, download=False)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match="magic"):
+        data.load("mnist", tmp_path, download=False)
+    (raw / "train-images-idx3-ubyte").unlink()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="cannot read"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    make_idx_dataset(raw)
+    write_idx(raw / "train-labels-idx1-ubyte", np.full(64, 12))
+    with pytest.raises(DataError, match="labels"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_download_failure_is_reported_not_hung(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    with pytest.raises(DataError, match="not found"):
+        data.load("mnist", tmp_path, download=True)
+    assert "could not download" in capsys.readouterr().err
+
+
+def test_auto_falls_back_to_scikit_learn_digits(tmp_path, capsys):
+    d = data.load("auto", tmp_path, download=False)
+    assert d.name == "digits" and d.shape == (1, 8, 8)
+    assert len(d.train) + len(d.test) == 1797 and len(d.test) == 360
+    assert "digits" in capsys.readouterr().err
+
+
+def _write_cifar_batches(root, n_per_batch=6):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n_per_batch))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": data.CIFAR10_CLASSES}, f)
+
+
+def test_cifar10_official_batches_through_torchvision(tmp_path, monkeypatch):
+    import torchvision
+
+    _write_cifar_batches(tmp_path)
+    # torchvision checks the official md5s; these generated batches cannot match them.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    d = data.load("cifar10", tmp_path, download=False)
+    assert d.shape == (3, 32, 32) and len(d.train) == 30 and len(d.test) == 6
+    assert d.classes == data.CIFAR10_CLASSES
+
+
+def _write_image_folders(root, classes, mode, size, per_class=2):
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (size, size, 3) if mode == "RGB" else (size, size)
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+
+
+def test_cifar10_image_folders_and_cache(tmp_path):
+    _write_image_folders(tmp_path / "cifar10", data.CIFAR10_CLASSES, "RGB", 32)
+    first = data.load("cifar10", tmp_path, download=False)
+    assert first.shape == (3, 32, 32) and len(first.train) == 20
+    assert torch.equal(first.train.y, torch.arange(10).repeat_interleave(2))
+    assert list(data.cache_dir().glob("cifar10-*.pt"))
+    again = data.load("cifar10", tmp_path, download=False)  # from the cache
+    assert torch.equal(first.train.x, again.train.x)
+
+
+def test_fer2013_folders_in_a_tar_archive_use_the_official_label_order(tmp_path):
+    src = tmp_path / "src"
+    # alphabetical folder order differs from FER2013's label order (neutral is 6, sad is 4)
+    _write_image_folders(src / "fer2013", sorted(data.FER_CLASSES), "L", 48, per_class=1)
+    with tarfile.open(tmp_path / "fer2013-jpg.tar.gz", "w:gz") as tar:
+        tar.add(src / "fer2013", arcname="fer2013")
+    d = data.load("fer2013", tmp_path, download=False)
+    assert d.shape == (1, 48, 48) and len(d.train) == 7
+    assert d.classes == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    assert torch.equal(d.train.y, torch.arange(7))
+    assert (data.cache_dir() / "fer2013-jpg" / "fer2013" / "train").is_dir()
+
+
+def test_fer2013_kaggle_csv(tmp_path):
+    rows = ["emotion,pixels,Usage"]
+    for i, usage in enumerate(["Training"] * 5 + ["PublicTest"] * 3 + ["PrivateTest"] * 2):
+        rows.append(f"{i % 7},{' '.join(str((i + j) % 256) for j in range(2304))},{usage}")
+    (tmp_path / "fer2013").mkdir()
+    (tmp_path / "fer2013" / "fer2013.csv").write_text("\n".join(rows) + "\n")
+    d = data.load("fer2013", tmp_path, download=False)
+    assert len(d.train) == 5 and len(d.test) == 3 and d.shape == (1, 48, 48)
+    assert int(d.train.x[1, 0, 0, 0]) == 1
+
+
+def test_fer2013_bad_csv_and_missing(tmp_path):
+    with pytest.raises(DataError, match="Kaggle"):
+        data.load("fer2013", tmp_path)
+    (tmp_path / "fer2013").mkdir()
+    (tmp_path / "fer2013" / "fer2013.csv").write_text("emotion,pixels,Usage\n3,1 2 3,Training\n")
+    with pytest.raises(DataError, match="2304"):
+        data.load("fer2013", tmp_path)
+
+
+def test_corrupt_image_in_a_folder_is_named(tmp_path):
+    _write_image_folders(tmp_path / "cifar10", data.CIFAR10_CLASSES, "RGB", 32, per_class=1)
+    (tmp_path / "cifar10" / "train" / "cat" / "0.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="0.png"):
+        data.load("cifar10", tmp_path, download=False)
+
+
+def test_read_idx_gzip_roundtrip(tmp_path):
+    arr = np.arange(24).reshape(2, 3, 4)
+    path = write_idx(tmp_path / "x-idx3-ubyte", arr, compress=True)
+    assert gzip.open(path).read(4) == b"\x00\x00\x08\x03"
+    assert torch.equal(data.read_idx(path), torch.from_numpy(arr.astype(np.uint8)))

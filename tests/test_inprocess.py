@@ -1,0 +1,75 @@
+"""The in-process trainer: it learns, it is deterministic, it writes the run folder."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from ffpipe import checkpoint, config, data, inprocess
+from ffpipe.serve import load_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", ".", download=False)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(dataset="digits", layers=(128, 128), epochs=8, batch_size=50, threads=1, out=str(tmp_path / "run"))
+    return config.preset("quick", **{**base, **kw})
+
+
+def test_learns_digits_and_writes_the_run_folder(tmp_path, digits):
+    cfg = config.override_nested(_cfg(tmp_path), optim=dict(lr=3e-3))
+    summary = inprocess.train(cfg, digits, show_progress=False)
+    assert summary["test_accuracy"] > 0.85, summary["history"]
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("dataset", "mode", "layers", "epochs", "test_accuracy", "train_samples_per_s", "wall_s"):
+        assert key in on_disk
+    assert on_disk["mode"] == "inprocess" and on_disk["layers"] == [128, 128] and 0 < on_disk["test_accuracy"] <= 1
+    assert on_disk["train_samples_per_s"] > 0 and len(on_disk["history"]) == 8
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert {r["layer"] for r in train} == {0, 1}
+    assert all({"loss", "g_pos", "g_neg"} <= r.keys() for r in train)
+    # the checkpoint loads with weights_only=True and predicts what the trained net predicts
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert payload["format"] == checkpoint.FORMAT and payload["epoch"] == 8
+    net, meta = load_model(out)
+    from ffpipe.model import evaluate
+    assert evaluate(net, digits.test.x, digits.test.y)["accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert meta["name"] == "digits"
+
+
+def test_same_seed_same_weights_different_seed_different_weights(tmp_path, digits):
+    def weights(seed, sub):
+        inprocess.train(_cfg(tmp_path / sub, epochs=1, seed=seed), digits, show_progress=False)
+        return load_model(tmp_path / sub / "run")[0].state_dict()
+
+    a, b, c = weights(1, "a"), weights(1, "b"), weights(2, "c")
+    for key in a:
+        assert_close(a[key], b[key], rtol=0, atol=0)
+    assert not torch.equal(a["layers.0.linear.weight"], c["layers.0.linear.weight"])
+
+
+def test_greedy_schedule_trains_one_layer_after_another(tmp_path, digits):
+    cfg = _cfg(tmp_path, schedule="greedy", negatives="random", epochs=2)
+    inprocess.train(cfg, digits, show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    layers = [r["layer"] for r in records if r["kind"] == "train"]
+    assert layers == sorted(layers) and set(layers) == {0, 1}
+
+
+def test_validation_split_is_evaluated_and_test_reported_once(tmp_path):
+    d = data.load("digits", ".", val_size=200)
+    summary = inprocess.train(_cfg(tmp_path, epochs=2), d, show_progress=False)
+    assert all(h["split"] == "val" for h in summary["history"])
+    assert summary["val_accuracy"] is not None and summary["test_accuracy"] is not None
+
+
+def test_random_negatives_readout_prediction_and_seed_recipe_math_run(tmp_path, digits):
+    for kw in (dict(negatives="random", predict="readout"), dict(standardize=True, label_value=None)):
+        summary = inprocess.train(_cfg(tmp_path, epochs=1, **kw), digits, show_progress=False)
+        assert 0 <= summary["test_accuracy"] <= 1

@@ -1,0 +1,60 @@
+"""Prediction: batched per-label goodness against a label-by-label reference."""
+
+import torch
+from torch.testing import assert_close
+
+from ffpipe import config, ff
+from ffpipe.model import FFNet, evaluate
+
+
+def _net(**kw):
+    cfg = config.preset("quick", layers=(16, 12, 8), **kw)
+    return FFNet((1, 5, 5), 4, cfg)
+
+
+def test_label_goodness_matches_one_label_at_a_time():
+    net = _net()
+    x = torch.rand(6, 25)
+    batched = net.label_goodness(x, 1.0)  # (6, 4)
+    for label in range(4):
+        acts = net.activities(ff.overlay(x, torch.full((6,), label), 4, 1.0))
+        reference = sum(layer.goodness(a) for layer, a in zip(net.layers[1:], acts[1:]))  # skips the first layer
+        assert_close(batched[:, label], reference)
+
+
+def test_skip_first_changes_which_layers_count():
+    x = torch.rand(3, 25)
+    with_first = _net(skip_first=False)
+    without = _net(skip_first=True)
+    without.load_state_dict(with_first.state_dict())
+    acts0 = with_first.activities(ff.overlay_all_labels(x, 4))[0]
+    first = with_first.layers[0].goodness(acts0).view(3, 4)
+    assert_close(with_first.label_goodness(x, 1.0) - without.label_goodness(x, 1.0), first)
+
+
+def test_readout_scores_use_a_neutral_pass():
+    net = _net(predict="readout")
+    torch.nn.init.normal_(net.readout.weight)
+    x = torch.rand(5, 25)
+    acts = net.activities(ff.overlay(x, None, 4, 1.0))
+    assert_close(net.scores(x), net.readout(net.readout_features(acts)))
+    assert net.readout.in_features == 12 + 8
+
+
+def test_inputs_scale_and_standardize():
+    net = _net(standardize=True)
+    net.input_mean.fill_(0.5)
+    net.input_std.fill_(0.25)
+    images = torch.full((2, 1, 5, 5), 255, dtype=torch.uint8)
+    assert_close(net.inputs(images), torch.full((2, 25), 2.0))
+
+
+def test_evaluate_counts_correct_predictions():
+    net = _net()
+    images = torch.randint(0, 256, (30, 1, 5, 5), dtype=torch.uint8)
+    preds = net.scores(net.inputs(images)).argmax(1)
+    labels = preds.clone()
+    labels[:10] = (labels[:10] + 1) % 4
+    result = evaluate(net, images, labels, batch_size=7)
+    assert abs(result["accuracy"] - 20 / 30) < 1e-6
+    assert torch.equal(result["predictions"], preds)
