@@ -13,11 +13,13 @@ from rich.table import Table
 from ffpipe import __version__
 from ffpipe.checkpoint import CheckpointError
 from ffpipe.data import DataError
+from ffpipe.launcher import PipelineError
+from ffpipe.transport import PeerTimeout
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Forward-Forward training, one process per layer.")
 err = Console(stderr=True, soft_wrap=True)
 
-_PANEL_DATA, _PANEL_MODEL, _PANEL_TRAIN, _PANEL_RUN = "Data", "Model", "Training", "Machinery"
+_PANEL_DATA, _PANEL_MODEL, _PANEL_TRAIN, _PANEL_RUN, _PANEL_PIPE = "Data", "Model", "Training", "Machinery", "Pipeline"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -77,7 +79,15 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="Torch device: cpu, cuda, cuda:1, ...", envvar="FFPIPE_DEVICE", rich_help_panel=_PANEL_RUN)] = None,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (0 = one per core).", envvar="FFPIPE_THREADS", rich_help_panel=_PANEL_RUN)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for summary.json, metrics.jsonl and checkpoint.pt (default runs/latest).", envvar="FFPIPE_OUT", rich_help_panel=_PANEL_RUN)] = None,
-    inprocess: Annotated[bool, typer.Option("--inprocess", help="Run every layer in this one process.", rich_help_panel=_PANEL_RUN)] = False,
+    inprocess: Annotated[bool, typer.Option("--inprocess", help="Run every layer in this one process instead of one process per layer.", rich_help_panel=_PANEL_RUN)] = False,
+    devices: Annotated[str, typer.Option(help="Pipeline: cpu, cuda (layer i on GPU i mod n) or one device per layer, e.g. cuda:0,cuda:1.", envvar="FFPIPE_DEVICES", rich_help_panel=_PANEL_PIPE)] = "cpu",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="Start from this run's config.json instead of a preset (flags still override).", envvar="FFPIPE_CONFIG", rich_help_panel=_PANEL_PIPE)] = None,
+    role: Annotated[Optional[str], typer.Option(help="Run one role of a pipeline: source, layer or sink (what each container runs).", envvar="FFPIPE_ROLE", rich_help_panel=_PANEL_PIPE)] = None,
+    index: Annotated[Optional[int], typer.Option(help="With --role layer: which layer (0-based).", envvar="FFPIPE_INDEX", rich_help_panel=_PANEL_PIPE)] = None,
+    source_addr: Annotated[str, typer.Option(help="host:port where the source receives beliefs.", envvar="FFPIPE_SOURCE_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5550",
+    layer_addrs: Annotated[Optional[str], typer.Option(help="host:port where each layer receives, comma-separated (default 127.0.0.1:5551, :5552, ...).", envvar="FFPIPE_LAYER_ADDRS", rich_help_panel=_PANEL_PIPE)] = None,
+    sink_addr: Annotated[str, typer.Option(help="host:port where the sink receives.", envvar="FFPIPE_SINK_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5549",
+    bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=_PANEL_RUN)] = False,
 ) -> None:
     """Train a Forward-Forward network and evaluate it; writes a run folder."""
@@ -94,16 +104,70 @@ def run(
         optim=dict(lr=lr, name=optimizer, schedule=lr_schedule),
     )
     try:
-        cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
+        if config_file is not None:
+            base = _read_config(config_file)
+            cfg = config.override_nested(config.apply(base, **flags), **nested)
+        else:
+            cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
+        if role is not None:
+            _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet)
+            return
         data = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download)
-        if data.name != cfg.dataset:  # "auto" resolved: apply the preset's defaults for that dataset
+        if data.name != cfg.dataset and config_file is None:  # "auto" resolved: apply the preset's defaults for that dataset
             cfg = config.override_nested(config.preset(preset, **{**flags, "dataset": data.name}), **nested)
+        elif data.name != cfg.dataset:
+            cfg = config.apply(cfg, dataset=data.name)
         data = datasets.hold_out(data, cfg.val_size)
-        if not inprocess:
-            err.print("ffpipe: the multi-process pipeline is not built yet; running in-process (--inprocess)")
-        trainer.train(cfg, data, show_progress=not quiet)
-    except (ValueError, DataError, CheckpointError) as e:
+        if inprocess:
+            trainer.train(cfg, data, show_progress=not quiet)
+        else:
+            from ffpipe.launcher import launch
+
+            launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet)
+    except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout) as e:
         raise _fail(str(e)) from None
+
+
+def _read_config(path: Path):
+    from ffpipe.config import RunConfig
+
+    try:
+        return RunConfig.from_json(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read config ({e.strerror})") from e
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not an ffpipe config.json ({e})") from e
+
+
+def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet) -> None:
+    """One role of a pipeline in this process (what `ffpipe run` starts per layer, and what containers run)."""
+    from ffpipe import data as datasets
+    from ffpipe.topology import Topology
+
+    if layer_addrs is None:
+        layer_addrs = ",".join(f"127.0.0.1:{5551 + i}" for i in range(len(cfg.layers)))
+    topo = Topology.parse(source_addr, layer_addrs, sink_addr, bind_host)
+    if len(topo.layers) != len(cfg.layers):
+        raise ValueError(f"--layer-addrs lists {len(topo.layers)} addresses for {len(cfg.layers)} layers")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if role == "source":
+        from ffpipe.source import run_source
+
+        data = datasets.hold_out(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download), cfg.val_size)
+        run_source(cfg, data, topo)
+    elif role == "layer":
+        from ffpipe.worker import run_worker
+
+        if index is None:
+            raise ValueError("--role layer needs --index")
+        run_worker(cfg, index, topo, out, device=cfg.device, threads=cfg.threads or 1)
+    elif role == "sink":
+        from ffpipe.sink import run_sink
+
+        run_sink(cfg, topo, out, show_progress=not quiet)
+    else:
+        raise ValueError(f"--role must be source, layer or sink; got {role!r}")
 
 
 @app.command("eval")

@@ -117,6 +117,16 @@ class RunConfig:
         _positive("log_every", self.log_every)
 
     @property
+    def first_scored(self) -> int:
+        """Index of the first layer whose goodness counts towards prediction."""
+        return 1 if self.skip_first and len(self.layers) > 1 else 0
+
+    @property
+    def first_readout(self) -> int:
+        """Index of the first layer whose activities feed the linear readout (all but the first)."""
+        return 1 if len(self.layers) > 1 else 0
+
+    @property
     def uses_readout(self) -> bool:
         """The linear readout is trained when it predicts or when it chooses the hard negatives."""
         return self.predict == "readout" or self.negatives == "hard"
@@ -187,6 +197,12 @@ def preset(name: str, **overrides) -> RunConfig:
     dataset = given.get("dataset", PRESETS[name].get("dataset"))
     fields = {**PRESETS[name], **PRESET_DATASET_DEFAULTS.get((name, dataset), {}), **given}
     return RunConfig(preset=name, **fields)
+
+
+def apply(cfg: RunConfig, **overrides) -> RunConfig:
+    """Replace top-level fields, ignoring None values."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
 
 
 def override_nested(cfg: RunConfig, **groups: dict) -> RunConfig:

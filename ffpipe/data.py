@@ -344,3 +344,12 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of uint8 images scaled to [0, 1]. (N, C, H, W) -> (C,), (C,)"""
     xf = x.float().div_(255)
     return xf.mean(dim=(0, 2, 3)), xf.std(dim=(0, 2, 3))
+
+
+def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's mini-batches: a fresh permutation drawn from `gen`, cut into batches (the last may be short).
+
+    The in-process trainer and the pipeline's source both draw through this, so the same seed gives both the
+    same batches in the same order."""
+    perm = torch.randperm(n, generator=gen)
+    return list(perm.split(batch_size))

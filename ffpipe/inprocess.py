@@ -16,7 +16,7 @@ import torch
 
 from ffpipe import checkpoint, ff
 from ffpipe.config import RunConfig
-from ffpipe.data import Data, channel_stats
+from ffpipe.data import Data, batch_indices, channel_stats
 from ffpipe.layer import local_update, make_optimizer, set_lr
 from ffpipe.metrics import MetricsWriter, write_json
 from ffpipe.model import FFNet, evaluate, readout_step
@@ -110,10 +110,8 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True) -> dict:
         for phase in phases:
             for epoch in range(cfg.epochs):
                 set_lr_all(opts, ro_opt, cfg, epoch)
-                perm = torch.randperm(n_train, generator=gen)
                 t0 = time.perf_counter()
-                for b in range(batches_per_epoch):
-                    idx = perm[b * bs : (b + 1) * bs]
+                for b, idx in enumerate(batch_indices(n_train, bs, gen)):
                     results = train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen, only_layer=phase)
                     batches_done += 1
                     samples_done += len(idx)

@@ -70,6 +70,14 @@ class FFLayer(nn.Module):
         return loss, g_pos, g_neg
 
 
+def make_layer(index: int, in_features: int, out_features: int, cfg: LayerConfig, seed: int) -> FFLayer:
+    """Layer `index` initialized from (seed, index) alone, so a worker that holds only this layer builds
+    exactly the weights the in-process trainer builds."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        return FFLayer(in_features, out_features, cfg)
+
+
 @dataclass
 class StepResult:
     h_pos: torch.Tensor  # (B, H) detached outputs, the next layer's inputs

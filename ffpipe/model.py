@@ -11,7 +11,20 @@ from torch import nn
 
 from ffpipe import ff
 from ffpipe.config import RunConfig
-from ffpipe.layer import FFLayer
+from ffpipe.layer import make_layer
+
+
+def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool) -> torch.Tensor:
+    """uint8 images to flat float inputs in [0, 1], optionally standardized per channel. (B, C, H, W) -> (B, D)"""
+    x = images.to(mean.device, torch.float32).div_(255)
+    if standardize:
+        x = (x - mean[:, None, None]) / std[:, None, None]
+    return x.flatten(1)
+
+
+def label_value(x: torch.Tensor, value: float | None) -> float:
+    """The value written into the label slots: fixed, or (None) the batch's largest input."""
+    return float(x.max()) if value is None else value
 
 
 class FFNet(nn.Module):
@@ -23,7 +36,9 @@ class FFNet(nn.Module):
         widths = [c * h * w, *cfg.layers]
         if widths[0] <= num_classes:
             raise ValueError(f"inputs of {widths[0]} features cannot hold a {num_classes}-class label overlay")
-        self.layers = nn.ModuleList(FFLayer(i, o, cfg.layer) for i, o in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(
+            make_layer(k, i, o, cfg.layer, cfg.seed) for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))
+        )
         self.readout = nn.Linear(sum(self._readout_widths()), num_classes, bias=False)
         nn.init.zeros_(self.readout.weight)
         # Per-channel input statistics, set by the trainer from the training data when cfg.standardize.
@@ -31,22 +46,18 @@ class FFNet(nn.Module):
         self.register_buffer("input_std", torch.ones(c))
 
     def _readout_widths(self) -> list[int]:
-        return list(self.cfg.layers[1:] if len(self.cfg.layers) > 1 else self.cfg.layers)
+        return list(self.cfg.layers[self.cfg.first_readout :])
 
     @property
     def first_scored(self) -> int:
-        """Index of the first layer whose goodness counts towards prediction."""
-        return 1 if self.cfg.skip_first and len(self.layers) > 1 else 0
+        return self.cfg.first_scored
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images to flat float inputs. (B, C, H, W) -> (B, D)"""
-        x = images.to(self.input_mean.device, torch.float32).div_(255)
-        if self.cfg.standardize:
-            x = (x - self.input_mean[:, None, None]) / self.input_std[:, None, None]
-        return x.flatten(1)
+        return prepare_inputs(images, self.input_mean, self.input_std, self.cfg.standardize)
 
     def label_value(self, x: torch.Tensor) -> float:
-        return float(x.max()) if self.cfg.label_value is None else self.cfg.label_value
+        return label_value(x, self.cfg.label_value)
 
     def activities(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's output for already-overlaid inputs. (B, D) -> [(B, H_l)]"""
@@ -58,8 +69,7 @@ class FFNet(nn.Module):
 
     def readout_features(self, acts: list[torch.Tensor]) -> torch.Tensor:
         """Normalized activities of the scored layers, side by side. -> (B, sum H)"""
-        used = acts[1:] if len(acts) > 1 else acts
-        return torch.cat([ff.normalize(a, self.cfg.layer.norm) for a in used], dim=1)
+        return torch.cat([ff.normalize(a, self.cfg.layer.norm) for a in acts[self.cfg.first_readout :]], dim=1)
 
     @torch.no_grad()
     def neutral_logits(self, x: torch.Tensor, value: float) -> torch.Tensor:

@@ -31,6 +31,9 @@ class RunProgress:
     def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
 
+    def set_total(self, total: int) -> None:
+        self._bar.update(self._task, total=total)
+
     def advance(self, n: int = 1) -> None:
         self._bar.advance(self._task, n)
 

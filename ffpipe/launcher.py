@@ -1,0 +1,179 @@
+"""The launcher: starts the source, one worker per layer and the sink as OS processes, and watches them.
+
+It owns no sockets. It picks free loopback ports, writes run.json, and starts every role as
+`python -m ffpipe run --role ...` with the same config file. Ctrl-C or SIGTERM becomes an in-band stop: the
+source stops sending batches and sends `stop`, which checkpoints each layer on its way to the sink. A child
+that dies makes the launcher stop the rest and fail with one line naming it. Children die with the launcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ffpipe import checkpoint
+from ffpipe.config import RunConfig
+from ffpipe.data import Data, channel_stats
+from ffpipe.metrics import write_json
+from ffpipe.topology import Topology
+
+STOP_GRACE_S = 10.0  # after a stop request, how long the pipeline may take to drain before it is killed
+
+
+class PipelineError(Exception):
+    """A role of the pipeline failed; the message names it."""
+
+
+@dataclass
+class Child:
+    role: str
+    index: int | None
+    device: str
+    proc: subprocess.Popen
+
+    @property
+    def name(self) -> str:
+        return self.role if self.index is None else f"{self.role} {self.index}"
+
+
+def resolve_devices(spec: str, num_layers: int) -> list[str]:
+    """'cpu' | 'cuda' (layer i on GPU i mod n) | an explicit comma-separated list, one per layer (or one for all)."""
+    if spec == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError("--devices cuda: no CUDA device is visible")
+        return [f"cuda:{i % n}" for i in range(num_layers)]
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) == 1:
+        parts *= num_layers
+    if len(parts) != num_layers:
+        raise ValueError(f"--devices lists {len(parts)} devices for {num_layers} layers")
+    for p in parts:
+        try:
+            torch.device(p)
+        except RuntimeError as e:
+            raise ValueError(f"--devices: {p!r} is not a torch device") from e
+    return parts
+
+
+def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM it when the launcher dies
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Launcher:
+    def __init__(self, cfg: RunConfig, data: Data, devices: list[str], threads: int, show_progress: bool = True):
+        self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads
+        self.out = Path(cfg.out)
+        self.show_progress = show_progress
+        self.children: list[Child] = []
+        self.stop_requested_at: float | None = None
+
+    def _spawn(self, role: str, index: int | None, device: str, flags: list[str]) -> Child:
+        cmd = [sys.executable, "-m", "ffpipe", "run", "--role", role, *flags]
+        if index is not None:
+            cmd += ["--index", str(index)]
+        if role == "layer":
+            cmd += ["--device", device, "--threads", str(self.threads)]
+        if role == "sink" and not self.show_progress:
+            cmd += ["--quiet"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        return Child(role, index, device, proc)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        topo = Topology.local(len(cfg.layers))
+        (self.out / "config.json").write_text(cfg.to_json())
+        flags = ["--config", str(self.out / "config.json"), "--out", str(self.out), *topo.as_flags()]
+        # downstream first: nothing depends on it, but it makes the first batches flow without retries
+        self.children.append(self._spawn("sink", None, "cpu", flags))
+        for i in reversed(range(len(cfg.layers))):
+            self.children.append(self._spawn("layer", i, self.devices[i], flags))
+        self.children.append(self._spawn("source", None, "cpu", flags))
+        endpoints = {"source": str(topo.source), "sink": str(topo.sink), **{f"layer {i}": str(e) for i, e in enumerate(topo.layers)}}
+        write_json(self.out / "run.json", {
+            "mode": "pipeline", "launcher_pid": os.getpid(), "started_at": time.time(), "topology": topo.to_dict(),
+            "processes": [{"role": c.role, "index": c.index, "pid": c.proc.pid, "device": c.device, "endpoint": endpoints.get(c.name)}
+                          for c in self.children],
+        })
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._watch()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self._kill_all()
+        self.assemble_checkpoint()
+        import json
+
+        return json.loads((self.out / "summary.json").read_text())
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+            print(f"ffpipe: {signal.Signals(signum).name}: stopping the pipeline (checkpoints are kept)", file=sys.stderr, flush=True)
+            source = next(c for c in self.children if c.role == "source")
+            if source.proc.poll() is None:
+                source.proc.send_signal(signal.SIGTERM)
+
+    def _watch(self) -> None:
+        while True:
+            for c in self.children:
+                rc = c.proc.poll()
+                if rc is not None and rc != 0:
+                    what = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+                    raise PipelineError(f"{c.name} (pid {c.proc.pid}) died: {what}; stopped the rest")
+            if all(c.proc.poll() == 0 for c in self.children):
+                if self.stop_requested_at is not None:
+                    raise PipelineError("stopped on request before the run finished; layer checkpoints are in " + str(self.out))
+                return
+            if self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > STOP_GRACE_S:
+                alive = [c.name for c in self.children if c.proc.poll() is None]
+                raise PipelineError(f"stop requested but {', '.join(alive)} did not finish within {STOP_GRACE_S:g}s; killed")
+            time.sleep(0.1)  # polling child processes, not synchronizing with them
+
+    def _kill_all(self) -> None:
+        alive = [c for c in self.children if c.proc.poll() is None]
+        for c in alive:
+            c.proc.terminate()
+        deadline = time.monotonic() + 5
+        for c in alive:
+            try:
+                c.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+    def assemble_checkpoint(self) -> None:
+        """Layer checkpoints + the sink's readout -> one checkpoint.pt that `ffpipe eval`/`predict` load."""
+        cfg = self.cfg
+        state = {}
+        for i in range(len(cfg.layers)):
+            part = checkpoint.load(self.out / f"layer{i}.pt")
+            state.update({f"layers.{i}.{k}": v for k, v in part["layer"].items()})
+        readout = self.out / "readout.pt"
+        width = sum(cfg.layers[cfg.first_readout :])
+        state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if readout.is_file() else torch.zeros(self.data.num_classes, width)
+        c = self.data.shape[0]
+        mean, std = channel_stats(self.data.train.x) if cfg.standardize else (torch.zeros(c), torch.ones(c))
+        state.update(input_mean=mean, input_std=std)
+        checkpoint.save(self.out / checkpoint.FILENAME, {
+            "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,
+            "data": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
+        })
+
+
+def launch(cfg: RunConfig, data: Data, devices: str = "cpu", threads: int = 1, show_progress: bool = True) -> dict:
+    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress).run()

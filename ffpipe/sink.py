@@ -1,0 +1,233 @@
+"""The sink role: the end of the pipeline. Accuracy, metrics, the readout, progress and the run summary.
+
+Sockets: PULL, binds the sink address (the last layer's outputs, with every layer's metrics in-band).
+         PUSH, connects to the source (readout beliefs for hard negatives; only with hard negatives).
+
+Every message the source sent is accounted for here: train batches (with each layer's loss and goodness in
+their scalars), evaluation batches (per-label goodness summed by the layers on the way), and the stop
+message, which carries each role's counts and peak memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import zmq
+from torch import nn
+
+from ffpipe import checkpoint, ff, transport
+from ffpipe.config import RunConfig
+from ffpipe.inprocess import TARGETS
+from ffpipe.layer import make_optimizer, set_lr
+from ffpipe.metrics import MetricsWriter, write_json
+from ffpipe.progress import RunProgress
+from ffpipe.topology import Topology
+from ffpipe.wire import Message, WireError
+
+POLL_MS = 250
+
+
+class Sink:
+    def __init__(self, cfg: RunConfig, topo: Topology, out: Path, peer_timeout_s: float = 120.0, show_progress: bool = True):
+        self.cfg, self.topo, self.out = cfg, topo, Path(out)
+        self.timeout_ms = int(peer_timeout_s * 1000)
+        self.readout: nn.Linear | None = None
+        self.readout_opt = None
+        self.epoch = -1
+        self.received = {"train": 0, "eval": 0}
+        self.samples = 0
+        self.rejected: dict[str, int] = {}
+        self.rounds: dict[int, dict] = {}
+        self.history: list[dict] = []
+        self.time_to: dict[str, float] = {}
+        self.t_first: float | None = None  # arrival of the first train batch
+        self.t_last = 0.0
+        self.samples_after_first = 0
+        self.stopping = False
+        self.show_progress = show_progress
+
+    # ---- readout (trained here, on the features the layers appended)
+
+    def _readout_step(self, msg: Message) -> torch.Tensor:
+        feats, y = msg.tensors["feats"].float(), msg.tensors["y"].long()
+        if self.readout is None:
+            torch.manual_seed(self.cfg.seed)
+            self.readout = nn.Linear(feats.shape[1], int(msg.scalars["classes"]), bias=False)
+            nn.init.zeros_(self.readout.weight)
+            self.readout_opt = make_optimizer(self.readout.parameters(), self.cfg.readout_optim)
+        if msg.epoch != self.epoch:
+            self.epoch = msg.epoch
+            r = self.cfg.readout_optim
+            set_lr(self.readout_opt, r.lr * ff.lr_factor(msg.epoch, self.cfg.epochs, r.schedule))
+        logits = self.readout(feats)
+        loss = F.cross_entropy(logits, y)
+        self.readout_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.readout_opt.step()
+        return logits.detach()
+
+    # ---- message handlers
+
+    def on_train(self, msg: Message, metrics: MetricsWriter, beliefs: zmq.Socket | None, progress: RunProgress) -> None:
+        now = time.perf_counter()
+        n = len(msg.tensors["y"])
+        if self.t_first is None:
+            self.t_first = now
+        else:
+            self.samples_after_first += n
+        self.t_last = now
+        self.received["train"] += 1
+        self.samples += n
+        if "feats" in msg.tensors:
+            logits = self._readout_step(msg)
+            if beliefs is not None:
+                try:  # advisory: never let a slow source stall the sink
+                    transport.send_nowait(beliefs, Message("beliefs", msg.seq, msg.epoch, {}, {"idx": msg.tensors["idx"], "logits": logits}))
+                except transport.PeerTimeout:
+                    pass
+        layers = range(len(self.cfg.layers))
+        if self.received["train"] % self.cfg.log_every == 0:
+            for i in layers:
+                metrics.write({"kind": "train", "epoch": msg.epoch, "batch": msg.seq, "layer": i,
+                               "loss": msg.scalars.get(f"loss.{i}"), "g_pos": msg.scalars.get(f"g_pos.{i}"), "g_neg": msg.scalars.get(f"g_neg.{i}")})
+            rate = self.samples_after_first / max(now - self.t_first, 1e-9)
+            progress.status([msg.scalars.get(f"loss.{i}", float("nan")) for i in layers], rate, msg.epoch + 1)
+        progress.advance()
+
+    @torch.no_grad()
+    def on_eval(self, msg: Message, metrics: MetricsWriter, progress: RunProgress) -> None:
+        self.received["eval"] += 1
+        s, t = msg.scalars, msg.tensors
+        y = t["y"].long()
+        r = self.rounds.setdefault(int(s["round"]), {"n": 0, "correct": 0, "readout_correct": 0, "parts": 0})
+        r["n"] += len(y)
+        r["correct"] += int((t["goodness"].argmax(1) == y).sum())
+        if "feats" in t and self.readout is not None:
+            r["readout_correct"] += int((self.readout(t["feats"].float()).argmax(1) == y).sum())
+        r["parts"] += 1
+        if r["parts"] < int(s["batches"]):
+            return
+        del self.rounds[int(s["round"])]
+        goodness_acc, readout_acc = r["correct"] / r["n"], r["readout_correct"] / r["n"]
+        accuracy = readout_acc if self.cfg.predict == "readout" else goodness_acc
+        elapsed = time.perf_counter() - self.t0
+        record = {"epoch": int(s["round"]), "accuracy": accuracy, "split": s["split"], "wall_s": round(elapsed, 2), "samples": r["n"]}
+        if self.cfg.uses_readout and self.cfg.predict != "readout":
+            record["readout_accuracy"] = readout_acc
+        self.history.append(record)
+        metrics.write({"kind": "eval", **record})
+        if s["split"] == "test":
+            for target in TARGETS:
+                if accuracy >= target and str(target) not in self.time_to:
+                    self.time_to[str(target)] = round(elapsed, 2)
+        progress.log(f"epoch {record['epoch']:>4}/{self.cfg.epochs}  {s['split']} accuracy {accuracy:.4f}"
+                     + (f" (readout {readout_acc:.4f})" if "readout_accuracy" in record else "")
+                     + f"  wall {elapsed:,.0f}s")
+
+    # ---- the loop
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        ctx = zmq.Context()
+        inbox = transport.pull(ctx, self.topo.sink.bind_url(self.topo.bind_host))
+        beliefs = transport.push(ctx, self.topo.source.connect_url(), hwm=64, linger_ms=0) if cfg.negatives == "hard" else None
+        self.t0 = time.perf_counter()
+        stop: Message | None = None
+        waited = 0
+        total = None
+        progress = RunProgress(1, enabled=self.show_progress)
+        try:
+            with MetricsWriter(self.out / "metrics.jsonl") as metrics, progress:
+                while stop is None and not self.stopping:
+                    try:
+                        msg = transport.recv(inbox, POLL_MS)
+                    except WireError as e:
+                        reason = str(e)[:120]
+                        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+                        print(f"ffpipe sink: rejected a message: {reason}", flush=True)
+                        continue
+                    if msg is None:
+                        waited += POLL_MS
+                        if waited >= self.timeout_ms:
+                            raise transport.PeerTimeout(f"sink: nothing received for {waited / 1000:g}s")
+                        continue
+                    waited = 0
+                    try:
+                        if msg.kind == "train":
+                            if total is None:
+                                total = int(msg.scalars["total"])
+                                progress.set_total(total)
+                            self.on_train(msg, metrics, beliefs, progress)
+                        elif msg.kind == "eval":
+                            self.on_eval(msg, metrics, progress)
+                        elif msg.kind == "stop":
+                            stop = msg
+                    except (KeyError, ValueError, RuntimeError) as e:
+                        reason = f"{msg.kind}: {type(e).__name__}: {e}"[:120]
+                        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+                        print(f"ffpipe sink: rejected a message: {reason}", flush=True)
+        finally:
+            inbox.close()
+            if beliefs is not None:
+                beliefs.close()
+            ctx.term()
+        summary = self.summary(stop)
+        if self.readout is not None:
+            checkpoint.save(self.out / "readout.pt", {"config": cfg.to_json(), "readout": self.readout.state_dict(),
+                                                      "optimizer": self.readout_opt.state_dict()})
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    def summary(self, stop: Message | None) -> dict:
+        cfg = self.cfg
+        s = stop.scalars if stop is not None else {}
+        layers = range(len(cfg.layers))
+        final = next((h for h in reversed(self.history) if h["split"] == "test"), None)
+        last = self.history[-1] if self.history else None
+        train_s = (self.t_last - self.t_first) if self.t_first is not None else 0.0
+        accounting = {
+            "sent_train": s.get("source.sent_train"), "sent_eval": s.get("source.sent_eval"),
+            "received_train": self.received["train"], "received_eval": self.received["eval"],
+            "applied": [s.get(f"layer{i}.applied") for i in layers],
+            "rejected": {**{f"layer{i}": s.get(f"layer{i}.rejected") for i in layers}, "sink": sum(self.rejected.values())},
+            "rejected_reasons": {**{f"layer{i}": s.get(f"layer{i}.rejected_reasons") for i in layers if s.get(f"layer{i}.rejected_reasons")},
+                                 **({"sink": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())} if self.rejected else {})},
+            "complete": stop is not None and s.get("source.sent_train") == self.received["train"]
+                        and s.get("source.sent_eval") == self.received["eval"]
+                        and all(s.get(f"layer{i}.applied") == self.received["train"] for i in layers),
+        }
+        peak = {"source": s.get("source.peak_rss_mb"), **{f"layer{i}": s.get(f"layer{i}.peak_rss_mb") for i in layers},
+                "sink": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        return {
+            "dataset": cfg.dataset, "mode": "pipeline", "preset": cfg.preset, "layers": list(cfg.layers),
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "test_accuracy": final["accuracy"] if final else None,
+            "val_accuracy": last["accuracy"] if last and last["split"] == "val" else None,
+            "predict": cfg.predict,
+            "train_samples_per_s": self.samples_after_first / train_s if train_s > 0 else None,
+            "train_s": train_s, "wall_s": time.perf_counter() - self.t0,
+            "time_to_accuracy_s": self.time_to,
+            "interrupted": stop is None or bool(s.get("source.interrupted")),
+            "accounting": accounting,
+            "peak_rss_mb": peak,
+            "busy_s": {f"layer{i}": s.get(f"layer{i}.busy_s") for i in layers},
+            "devices": {f"layer{i}": s.get(f"layer{i}.device") for i in layers},
+            "history": self.history,
+            "config": cfg.to_dict(),
+        }
+
+
+def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = True) -> dict:
+    sink = Sink(cfg, topo, out, show_progress=show_progress)
+
+    def request_stop(signum, frame):
+        sink.stopping = True
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C becomes an in-band stop from the source
+    signal.signal(signal.SIGTERM, request_stop)
+    return sink.run()

@@ -1,0 +1,143 @@
+"""The source role: dataset -> numbered batches of positives and negatives, evaluation batches, then stop.
+
+Sockets: PUSH, connects to layer 0 (batches flow downstream).
+         PULL, binds the source address (beliefs flow back from the sink; only with hard negatives).
+
+Batches are drawn exactly as the in-process trainer draws them (same permutation and random negatives
+from the same generator), so a pipelined run with random negatives applies the very same updates. Hard
+negatives come from the sink's readout belief about each training image, sent back as it is computed; a
+batch uses the newest belief the source has received (from the image's previous epoch, since the pipeline
+runs ahead of the sink).
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import time
+
+import torch
+import zmq
+
+from ffpipe import ff, transport
+from ffpipe.config import RunConfig
+from ffpipe.data import Data, batch_indices, channel_stats
+from ffpipe.model import label_value, prepare_inputs
+from ffpipe.topology import Topology
+from ffpipe.wire import Message, WireError
+
+EVAL_BATCH = 250  # images per evaluation message (each carries every label: EVAL_BATCH x C rows)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Source:
+    def __init__(self, cfg: RunConfig, data: Data, topo: Topology, peer_timeout_s: float = 120.0):
+        if cfg.schedule != "joint":
+            raise ValueError("the pipeline trains every layer on every batch: use --schedule joint (greedy is in-process only)")
+        self.cfg, self.data, self.topo = cfg, data, topo
+        self.timeout_ms = int(peer_timeout_s * 1000)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.mean, self.std = channel_stats(data.train.x) if cfg.standardize else (torch.zeros(data.shape[0]), torch.ones(data.shape[0]))
+        self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
+        self.stopping = False
+        self.seq = 0
+        self.sent = {"train": 0, "eval": 0}
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return prepare_inputs(images, self.mean, self.std, self.cfg.standardize)
+
+    def train_message(self, epoch: int, idx: torch.Tensor, total: int) -> Message:
+        cfg, c = self.cfg, self.data.num_classes
+        labels = self.data.train.y[idx]
+        x = self._inputs(self.data.train.x[idx])
+        value = label_value(x, cfg.label_value)
+        if cfg.negatives == "hard":
+            neg = ff.hard_wrong_labels(self.beliefs[idx], labels, self.gen)
+        else:
+            neg = ff.random_wrong_labels(labels, c, self.gen)
+        tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, neg, c, value), "y": labels, "idx": idx}
+        if cfg.uses_readout:
+            tensors["x_neu"] = ff.overlay(x, None, c, value)
+            tensors["feats"] = torch.empty(len(idx), 0)
+        return Message("train", self.seq, epoch, {"total": total, "classes": c}, tensors)
+
+    def eval_messages(self, epoch: int) -> list[Message]:
+        cfg, c = self.cfg, self.data.num_classes
+        split, name = (self.data.val, "val") if self.data.val is not None else (self.data.test, "test")
+        starts = range(0, len(split), EVAL_BATCH)
+        out = []
+        for k, i in enumerate(starts):
+            images, labels = split.x[i : i + EVAL_BATCH], split.y[i : i + EVAL_BATCH]
+            x = self._inputs(images)
+            value = label_value(x, cfg.label_value)
+            tensors = {"x_all": ff.overlay_all_labels(x, c, value), "goodness": torch.zeros(len(labels), c), "y": labels}
+            if cfg.uses_readout:
+                tensors["x_neu"] = ff.overlay(x, None, c, value)
+                tensors["feats"] = torch.empty(len(labels), 0)
+            scalars = {"split": name, "round": epoch, "batches": len(starts), "part": k, "classes": c, "final": epoch == cfg.epochs}
+            out.append(Message("eval", 0, epoch, scalars, tensors))
+        return out
+
+    def _send(self, sock: zmq.Socket, msg: Message) -> None:
+        msg.seq = self.seq
+        transport.send(sock, msg, self.timeout_ms)
+        self.seq += 1
+        if msg.kind in self.sent:
+            self.sent[msg.kind] += 1
+
+    def _drain_beliefs(self, inbox: zmq.Socket | None) -> None:
+        while inbox is not None and inbox.poll(0, zmq.POLLIN):
+            try:
+                msg = transport.recv(inbox, 0)
+            except WireError as e:
+                print(f"ffpipe source: rejected a malformed belief message: {e}", flush=True)
+                continue
+            if msg is not None and msg.kind == "beliefs":
+                self.beliefs[msg.tensors["idx"].long()] = msg.tensors["logits"].float()
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        ctx = zmq.Context()
+        out = transport.push(ctx, self.topo.layers[0].connect_url(), linger_ms=self.timeout_ms)
+        inbox = transport.pull(ctx, self.topo.source.bind_url(self.topo.bind_host)) if cfg.negatives == "hard" else None
+        n = len(self.data.train)
+        total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+        try:
+            for epoch in range(cfg.epochs):
+                for idx in batch_indices(n, cfg.batch_size, self.gen):
+                    if self.stopping:
+                        break
+                    self._drain_beliefs(inbox)
+                    self._send(out, self.train_message(epoch, idx, total))
+                if self.stopping:
+                    break
+                if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                    for msg in self.eval_messages(epoch + 1):
+                        self._send(out, msg)
+            stats = {"source.sent_train": self.sent["train"], "source.sent_eval": self.sent["eval"],
+                     "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping}
+            self._send(out, Message("stop", 0, 0, stats))
+        finally:
+            out.close()  # lingers until the stop message is delivered (or the peer timeout passes)
+            if inbox is not None:
+                inbox.close()
+            ctx.term()
+        return {"sent_train": self.sent["train"], "sent_eval": self.sent["eval"], "interrupted": self.stopping}
+
+
+def run_source(cfg: RunConfig, data: Data, topo: Topology) -> dict:
+    source = Source(cfg, data, topo)
+
+    def request_stop(signum, frame):  # SIGTERM/SIGINT: stop sending batches, send stop, exit cleanly
+        source.stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    t0 = time.perf_counter()
+    result = source.run()
+    print(f"ffpipe source: sent {result['sent_train']} train and {result['sent_eval']} eval batches in "
+          f"{time.perf_counter() - t0:.1f}s" + (" (interrupted)" if result["interrupted"] else ""), flush=True)
+    return result

@@ -1,0 +1,90 @@
+"""ZeroMQ socket helpers: PUSH/PULL links with bounded queues, timeouts and explicit linger. No FF here.
+
+Every role binds the socket it receives on and connects the sockets it sends on, so roles can start in
+any order (ZeroMQ retries connections). High-water marks bound the messages queued on each side of a link.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+
+from ffpipe.wire import Message, WireError, decode, encode
+
+SEND_HWM = 2  # messages queued in a sender: with RECV_HWM, a link holds a handful of batches
+RECV_HWM = 2
+MAX_MSG_BYTES = 1 << 30  # sockets drop (and ZeroMQ disconnects) any single message above this
+LINGER_MS = 2000  # how long close() may wait to flush queued messages (stop must get through)
+_SMALL = 16 * 1024  # frames below this are copied into ZeroMQ (cheaper than tracking them)
+
+
+class PeerTimeout(Exception):
+    """A send or receive did not complete within its timeout: the peer is gone, stopped or stuck."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """host:port of a receiving role. It binds bind_host:port and its senders connect to host:port."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        host, sep, port = text.strip().removeprefix("tcp://").rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"endpoint must look like host:port (e.g. 127.0.0.1:5555); got {text!r}")
+        return cls(host, int(port))
+
+    def connect_url(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def bind_url(self, bind_host: str) -> str:
+        return f"tcp://{bind_host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM) -> zmq.Socket:
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(url)
+    return sock
+
+
+def push(ctx: zmq.Context, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGER_MS) -> zmq.Socket:
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.connect(url)
+    return sock
+
+
+def send(sock: zmq.Socket, msg: Message, timeout_ms: int | None = None) -> None:
+    """Send one message; blocks while the peer's queue is full (backpressure), up to timeout_ms."""
+    frames = encode(msg)
+    if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLOUT):
+        raise PeerTimeout(f"could not send a {msg.kind} message within {timeout_ms / 1000:g}s (peer gone or stuck)")
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, zmq.SNDMORE if i < last else 0, copy=len(frame) < _SMALL)
+
+
+def send_nowait(sock: zmq.Socket, msg: Message) -> None:
+    """Send if the peer's queue has room now; otherwise raise PeerTimeout (the caller may drop the message)."""
+    send(sock, msg, timeout_ms=0)
+
+
+def recv(sock: zmq.Socket, timeout_ms: int | None = None) -> Message | None:
+    """One message, or None when nothing arrived within timeout_ms. A malformed message raises WireError."""
+    if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    frames = sock.recv_multipart(copy=False)
+    return decode(frames)
+
+
+__all__ = ["Endpoint", "PeerTimeout", "WireError", "pull", "push", "send", "send_nowait", "recv"]

@@ -1,0 +1,181 @@
+"""The layer worker role: one FF layer and its optimizer, on its own device.
+
+Sockets: PULL, binds this layer's address (batches arrive from the source or the previous layer).
+         PUSH, connects to the next layer or the sink (outputs leave at once).
+
+train: one local update (the same `local_update` the in-process trainer calls), forward the detached
+       outputs; with a readout, also forward the neutral-label pass and append this layer's normalized
+       activity to the features the message carries.
+eval:  add this layer's goodness for every (image, label) to the accumulator the message carries; forward.
+stop:  checkpoint, add this layer's counts to the message, forward, exit.
+Nothing is kept per batch. A malformed message is logged, counted and reported downstream at stop.
+"""
+
+from __future__ import annotations
+
+import collections
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+import zmq
+
+from ffpipe import checkpoint, ff, transport
+from ffpipe.config import RunConfig
+from ffpipe.layer import FFLayer, local_update, make_layer, make_optimizer, set_lr
+from ffpipe.topology import Topology
+from ffpipe.wire import Message, WireError
+
+POLL_MS = 250  # how often a waiting worker checks for a stop signal
+
+
+class Worker:
+    def __init__(self, cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu",
+                 peer_timeout_s: float = 120.0):
+        if not 0 <= index < len(cfg.layers):
+            raise ValueError(f"--index {index} is out of range for {len(cfg.layers)} layers")
+        self.cfg, self.index, self.topo, self.out, self.device = cfg, index, topo, Path(out), torch.device(device)
+        self.timeout_ms = int(peer_timeout_s * 1000)
+        self.layer: FFLayer | None = None  # built on the first batch, whose width gives in_features
+        self.opt: torch.optim.Optimizer | None = None
+        self.epoch = -1
+        self.applied = 0
+        self.last_seq = -1
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.busy_s = 0.0
+        self.stopping = False
+
+    # ---- the FF work, one message at a time
+
+    def _ensure_layer(self, in_features: int) -> FFLayer:
+        if self.layer is None:
+            cfg = self.cfg
+            self.layer = make_layer(self.index, in_features, cfg.layers[self.index], cfg.layer, cfg.seed).to(self.device)
+            self.opt = make_optimizer(self.layer.parameters(), cfg.optim)
+        return self.layer
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    def on_train(self, msg: Message) -> Message:
+        t = msg.tensors
+        x_pos, x_neg = self._to(t["x_pos"]), self._to(t["x_neg"])
+        if x_pos.ndim != 2 or x_pos.shape != x_neg.shape:
+            raise WireError(f"train batch needs x_pos and x_neg of one (B, D) shape, got {tuple(x_pos.shape)} and {tuple(x_neg.shape)}")
+        layer = self._ensure_layer(x_pos.shape[1])
+        if x_pos.shape[1] != layer.linear.in_features:
+            raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
+        if msg.epoch != self.epoch:
+            self.epoch = msg.epoch
+            set_lr(self.opt, self.cfg.optim.lr * ff.lr_factor(msg.epoch, self.cfg.epochs, self.cfg.optim.schedule))
+        out = {"y": t["y"], "idx": t["idx"]}
+        if "x_neu" in t:  # neutral pass first, with the weights the in-process trainer would use
+            with torch.no_grad():
+                h_neu = layer(self._to(t["x_neu"]))
+            feats = self._to(t["feats"])
+            if self.index >= self.cfg.first_readout:
+                feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
+            out.update(x_neu=h_neu, feats=feats)
+        r = local_update(layer, self.opt, x_pos, x_neg)
+        self.applied += 1
+        self.last_seq = msg.seq
+        out.update(x_pos=r.h_pos, x_neg=r.h_neg)
+        scalars = dict(msg.scalars)
+        scalars.update({f"loss.{self.index}": r.loss.item(), f"g_pos.{self.index}": r.g_pos.item(), f"g_neg.{self.index}": r.g_neg.item()})
+        return Message("train", msg.seq, msg.epoch, scalars, out)
+
+    @torch.no_grad()
+    def on_eval(self, msg: Message) -> Message:
+        t = msg.tensors
+        x_all, acc = self._to(t["x_all"]), t["goodness"]
+        b, c = acc.shape
+        if x_all.ndim != 2 or x_all.shape[0] != b * c:
+            raise WireError(f"eval batch needs x_all of ({b * c}, D), got {tuple(x_all.shape)}")
+        layer = self._ensure_layer(x_all.shape[1])
+        h = layer(x_all)
+        if self.index >= self.cfg.first_scored:
+            acc = acc + layer.goodness(h).view(b, c).cpu()
+        out = {"x_all": h, "goodness": acc, "y": t["y"]}
+        if "x_neu" in t:
+            h_neu = layer(self._to(t["x_neu"]))
+            feats = self._to(t["feats"])
+            if self.index >= self.cfg.first_readout:
+                feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
+            out.update(x_neu=h_neu, feats=feats)
+        return Message("eval", msg.seq, msg.epoch, msg.scalars, out)
+
+    def save(self) -> None:
+        if self.layer is None:
+            return
+        checkpoint.save(self.out / f"layer{self.index}.pt", {
+            "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.linear.in_features,
+            "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
+            "applied": self.applied, "last_seq": self.last_seq, "epoch": self.epoch,
+        })
+
+    def stats(self) -> dict:
+        i = self.index
+        return {f"layer{i}.applied": self.applied, f"layer{i}.rejected": sum(self.rejected.values()),
+                f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items()),
+                f"layer{i}.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device)}
+
+    # ---- the loop
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        inbox = transport.pull(ctx, self.topo.layers[self.index].bind_url(self.topo.bind_host))
+        outbox = transport.push(ctx, self.topo.downstream(self.index).connect_url(), linger_ms=self.timeout_ms)
+        handlers = {"train": self.on_train, "eval": self.on_eval}
+        waited_ms = 0
+        try:
+            while True:
+                if self.stopping:  # SIGTERM to this worker alone: keep what it learned, leave without forwarding
+                    self.save()
+                    return
+                try:
+                    msg = transport.recv(inbox, POLL_MS)
+                    if msg is None:
+                        waited_ms += POLL_MS
+                        if waited_ms >= self.timeout_ms:
+                            raise transport.PeerTimeout(f"layer {self.index}: nothing received for {waited_ms / 1000:g}s")
+                        continue
+                    waited_ms = 0
+                    if msg.kind == "stop":
+                        self.save()
+                        transport.send(outbox, Message("stop", msg.seq, msg.epoch, {**msg.scalars, **self.stats()}), self.timeout_ms)
+                        return
+                    if msg.kind not in handlers:
+                        raise WireError(f"a layer does not take {msg.kind!r} messages")
+                    t0 = time.perf_counter()
+                    reply = handlers[msg.kind](msg)
+                    self.busy_s += time.perf_counter() - t0
+                except (WireError, KeyError) as e:  # a bad message: count it, say so once per reason, keep serving
+                    reason = f"{type(e).__name__}: {e}"[:120]
+                    if reason not in self.rejected:
+                        print(f"ffpipe layer {self.index}: rejected a message: {reason}", flush=True)
+                    self.rejected[reason] += 1
+                    continue
+                transport.send(outbox, reply, self.timeout_ms)
+        finally:
+            inbox.close()
+            outbox.close()
+            ctx.term()
+
+
+def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu", threads: int = 1) -> None:
+    torch.set_num_threads(threads or 1)
+    worker = Worker(cfg, index, topo, out, device)
+
+    def request_stop(signum, frame):  # finish the message in hand, checkpoint, exit
+        worker.stopping = True
+
+    # Ctrl-C reaches the whole process group: the launcher turns it into a stop message from the source,
+    # which ends each worker in order. SIGTERM sent to this worker alone stops it where it is.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, request_stop)
+    worker.run()
+    print(f"ffpipe layer {index}: applied {worker.applied} batches, rejected {sum(worker.rejected.values())}, "
+          f"busy {worker.busy_s:.1f}s", flush=True)

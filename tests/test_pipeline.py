@@ -1,0 +1,161 @@
+"""The pipeline: one process per layer over ZeroMQ, against the in-process reference; shutdown and failure."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+from typer.testing import CliRunner
+
+from ffpipe import checkpoint
+from ffpipe.cli import app
+
+runner = CliRunner()
+SMALL = ["--dataset", "digits", "--batch-size", "50", "--quiet"]
+
+
+def _cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_pipeline_applies_the_same_updates_as_in_process(tmp_path):
+    common = [*SMALL, "--layers", "48,32,32", "--epochs", "2", "--negatives", "random", "--seed", "3"]
+    _cli("run", *common, "--out", tmp_path / "pipe")
+    _cli("run", "--inprocess", *common, "--out", tmp_path / "inproc")
+    pipe, inproc = (checkpoint.load(tmp_path / d)["model"] for d in ("pipe", "inproc"))
+    assert pipe.keys() == inproc.keys()
+    for key in pipe:
+        assert_close(pipe[key], inproc[key], msg=key)
+    s, r = _summary(tmp_path / "pipe"), _summary(tmp_path / "inproc")
+    assert s["mode"] == "pipeline" and r["mode"] == "inprocess"
+    assert s["test_accuracy"] == pytest.approx(r["test_accuracy"])
+
+
+def test_every_batch_is_accounted_for_and_run_files_are_written(tmp_path):
+    out = tmp_path / "run"
+    _cli("run", *SMALL, "--layers", "32,32", "--epochs", "3", "--eval-every", "1", "--out", out)  # hard negatives, readout
+    s = _summary(out)
+    a = s["accounting"]
+    batches = 3 * 29  # 1,437 images in batches of 50
+    assert a["sent_train"] == a["received_train"] == batches and a["applied"] == [batches, batches]
+    assert a["sent_eval"] == a["received_eval"] == 3 * 2  # 360 test images in batches of 250, every epoch
+    assert a["complete"] and a["rejected"] == {"layer0": 0, "layer1": 0, "sink": 0}
+    assert [h["epoch"] for h in s["history"]] == [1, 2, 3] and all(h["samples"] == 360 for h in s["history"])
+    assert 0 <= s["test_accuracy"] <= 1 and s["train_samples_per_s"] > 0
+    assert set(s["peak_rss_mb"]) == {"source", "layer0", "layer1", "sink"} and all(v > 0 for v in s["peak_rss_mb"].values())
+    run = json.loads((out / "run.json").read_text())
+    roles = sorted((p["role"], p["index"]) for p in run["processes"])
+    assert roles == [("layer", 0), ("layer", 1), ("sink", None), ("source", None)]
+    assert all(p["endpoint"] is None or p["endpoint"].startswith("127.0.0.1:") for p in run["processes"])
+    # the assembled checkpoint evaluates to the accuracy the sink measured
+    result = runner.invoke(app, ["eval", "--checkpoint", str(out)])
+    assert json.loads(result.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(s["test_accuracy"])
+    for i in range(2):
+        assert checkpoint.load(out / f"layer{i}.pt")["applied"] == batches
+
+
+def test_layer_memory_is_flat_in_the_number_of_batches(tmp_path):
+    peaks = {}
+    for epochs in (2, 12):
+        out = tmp_path / f"e{epochs}"
+        _cli("run", *SMALL, "--layers", "512,512", "--epochs", str(epochs), "--eval-every", "0", "--negatives", "random", "--out", out)
+        s = _summary(out)
+        assert s["accounting"]["applied"] == [epochs * 29] * 2
+        peaks[epochs] = s["peak_rss_mb"]
+    # six times the batches; one leaked (50, 512) float32 output pair per batch would add ~70 MB
+    for role in ("layer0", "layer1"):
+        assert peaks[12][role] < peaks[2][role] + 20, peaks
+
+
+def _start(tmp_path, *extra):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ffpipe", "run", *SMALL, "--layers", "32,32", "--epochs", "500", "--eval-every", "1",
+           "--out", str(out), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, out
+
+
+def _wait_until(proc, predicate, timeout=60.0):
+    """Poll a condition while the launcher runs; proc.wait doubles as the poll interval."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        try:
+            proc.wait(timeout=0.2)
+            pytest.fail(f"launcher exited early with {proc.returncode}: {proc.stdout.read()}")
+        except subprocess.TimeoutExpired:
+            pass
+    pytest.fail("condition not reached in time")
+
+
+def _training(out):
+    def started():
+        m = out / "metrics.jsonl"
+        return (out / "run.json").is_file() and m.is_file() and '"eval"' in m.read_text()
+    return started
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().split()[2] != "Z"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_within_ten_seconds_with_checkpoints(tmp_path):
+    proc, out = _start(tmp_path)
+    _wait_until(proc, _training(out))
+    pids = [p["pid"] for p in json.loads((out / "run.json").read_text())["processes"]]
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    output, _ = proc.communicate(timeout=15)
+    assert time.monotonic() - t0 < 10, output
+    assert proc.returncode == 1 and "stopped on request" in output
+    assert not any(_alive(p) for p in pids)
+    for i in range(2):
+        layer = checkpoint.load(out / f"layer{i}.pt")
+        assert layer["applied"] > 0 and torch.isfinite(layer["layer"]["linear.weight"]).all()
+    s = _summary(out)
+    assert s["interrupted"] and s["accounting"]["complete"]  # what was sent before the stop all arrived
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["layer", "source", "sink"])
+def test_a_dead_child_stops_the_rest_and_is_named(tmp_path, victim):
+    proc, out = _start(tmp_path)
+    _wait_until(proc, _training(out))
+    processes = json.loads((out / "run.json").read_text())["processes"]
+    target = next(p for p in processes if p["role"] == victim and p["index"] in (None, 1))
+    t0 = time.monotonic()
+    os.kill(target["pid"], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 10, output
+    name = victim if victim != "layer" else "layer 1"
+    assert proc.returncode == 1
+    assert f"error: {name} (pid {target['pid']}) died: killed by SIGKILL" in output
+    assert not any(_alive(p["pid"]) for p in processes)
+
+
+def test_role_flags_are_checked(tmp_path):
+    for args, message in ((["--role", "layer"], "--index"), (["--role", "router"], "--role must be"),
+                          (["--role", "sink", "--layer-addrs", "127.0.0.1:1"], "1 addresses for 2 layers"),
+                          (["--role", "source", "--sink-addr", "nohost"], "host:port"),
+                          (["--devices", "cpu,cpu,cpu"], "3 devices for 2 layers")):
+        result = runner.invoke(app, ["run", "--dataset", "digits", "--layers", "8,8", "--out", str(tmp_path), *args])
+        assert result.exit_code == 1 and message in result.output, result.output
