@@ -88,6 +88,8 @@ def run(
     layer_addrs: Annotated[Optional[str], typer.Option(help="host:port where each layer receives, comma-separated (default 127.0.0.1:5551, :5552, ...).", envvar="FFPIPE_LAYER_ADDRS", rich_help_panel=_PANEL_PIPE)] = None,
     sink_addr: Annotated[str, typer.Option(help="host:port where the sink receives.", envvar="FFPIPE_SINK_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5549",
     bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder (its config; flags such as --epochs still override).", rich_help_panel=_PANEL_RUN)] = None,
+    resume_role: Annotated[bool, typer.Option("--resume-role", hidden=True, help="Set by the launcher: this role continues from its checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=_PANEL_RUN)] = False,
 ) -> None:
     """Train a Forward-Forward network and evaluate it; writes a run folder."""
@@ -104,13 +106,21 @@ def run(
         optim=dict(lr=lr, name=optimizer, schedule=lr_schedule),
     )
     try:
+        if resume is not None:
+            if config_file is not None:
+                raise ValueError("--resume reads the run's own config; drop --config")
+            config_file = resume / "config.json"
+            if not config_file.is_file():
+                raise CheckpointError(f"{resume}: no config.json there; is it an ffpipe run folder?")
+            flags["out"] = str(resume)
+            inprocess = inprocess or not (resume / "run.json").is_file()
         if config_file is not None:
             base = _read_config(config_file)
             cfg = config.override_nested(config.apply(base, **flags), **nested)
         else:
             cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
         if role is not None:
-            _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet)
+            _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet, resume_role)
             return
         data = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download)
         if data.name != cfg.dataset and config_file is None:  # "auto" resolved: apply the preset's defaults for that dataset
@@ -119,11 +129,20 @@ def run(
             cfg = config.apply(cfg, dataset=data.name)
         data = datasets.hold_out(data, cfg.val_size)
         if inprocess:
-            trainer.train(cfg, data, show_progress=not quiet)
+            from ffpipe import checkpoint
+
+            state = checkpoint.load(resume) if resume is not None else None
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / "config.json").write_text(cfg.to_json())
+            try:
+                trainer.train(cfg, data, show_progress=not quiet, resume=state)
+            except KeyboardInterrupt:
+                err.print(f"ffpipe: interrupted; the last completed epoch is saved: continue with ffpipe run --resume {cfg.out}")
+                raise typer.Exit(130) from None
         else:
             from ffpipe.launcher import launch
 
-            launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet)
+            launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None)
     except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout) as e:
         raise _fail(str(e)) from None
 
@@ -139,7 +158,7 @@ def _read_config(path: Path):
         raise ValueError(f"{path}: not an ffpipe config.json ({e})") from e
 
 
-def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet) -> None:
+def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet, resume) -> None:
     """One role of a pipeline in this process (what `ffpipe run` starts per layer, and what containers run)."""
     from ffpipe import data as datasets
     from ffpipe.topology import Topology
@@ -155,17 +174,17 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
         from ffpipe.source import run_source
 
         data = datasets.hold_out(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download), cfg.val_size)
-        run_source(cfg, data, topo)
+        run_source(cfg, data, topo, resume=resume)
     elif role == "layer":
         from ffpipe.worker import run_worker
 
         if index is None:
             raise ValueError("--role layer needs --index")
-        run_worker(cfg, index, topo, out, device=cfg.device, threads=cfg.threads or 1)
+        run_worker(cfg, index, topo, out, device=cfg.device, threads=cfg.threads or 1, resume=resume)
     elif role == "sink":
         from ffpipe.sink import run_sink
 
-        run_sink(cfg, topo, out, show_progress=not quiet)
+        run_sink(cfg, topo, out, show_progress=not quiet, resume=resume)
     else:
         raise ValueError(f"--role must be source, layer or sink; got {role!r}")
 

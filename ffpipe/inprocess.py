@@ -71,20 +71,38 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
     return results
 
 
-def checkpoint_payload(net: FFNet, opts, ro_opt, data: Data, epoch: int, batches: int) -> dict:
+def checkpoint_payload(net: FFNet, opts, ro_opt, data: Data, epoch: int, batches: int, phase: int = 0,
+                       gen: torch.Generator | None = None, progress: dict | None = None) -> dict:
     return {
         "config": net.cfg.to_json(),
         "model": net.state_dict(),
         "optimizers": [o.state_dict() for o in opts],
         "readout_optimizer": ro_opt.state_dict(),
-        "epoch": epoch,
+        "epoch": epoch,  # epochs completed in `phase`
+        "phase": phase,  # greedy schedule: the layer being trained; joint: 0
         "batches": batches,
+        "rng": gen.get_state() if gen is not None else None,
+        "progress": progress or {},
         "data": {"name": data.name, "shape": list(data.shape), "classes": data.classes},
     }
 
 
-def train(cfg: RunConfig, data: Data, *, show_progress: bool = True) -> dict:
-    """Train and evaluate in one process; write metrics.jsonl, checkpoint.pt and summary.json under cfg.out."""
+def restore(payload: dict, net: FFNet, opts, ro_opt, gen: torch.Generator) -> None:
+    """Load a checkpoint's weights, optimizer states and generator state into a freshly built run."""
+    try:
+        net.load_state_dict(payload["model"])
+        for opt, state in zip(opts, payload["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        ro_opt.load_state_dict(payload["readout_optimizer"])
+        gen.set_state(payload["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint does not match this run's config ({type(e).__name__}: {e})") from e
+
+
+def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dict | None = None) -> dict:
+    """Train and evaluate in one process; write metrics.jsonl, checkpoint.pt and summary.json under cfg.out.
+
+    `resume`: a checkpoint payload of this run; training continues after its last completed epoch."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.threads)
@@ -100,15 +118,27 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True) -> dict:
 
     history, time_to = [], {}
     train_s, batches_done, samples_done = 0.0, 0, 0
+    start_phase, start_epoch = 0, 0
+    if resume is not None:
+        restore(resume, net, opts, ro_opt, gen)
+        start_phase, start_epoch, batches_done = resume["phase"], resume["epoch"], resume["batches"]
+        p = resume["progress"]
+        history, time_to, train_s, samples_done = list(p["history"]), dict(p["time_to"]), p["train_s"], p["samples"]
+        if start_epoch >= cfg.epochs and start_phase == len(phases) - 1:
+            raise ValueError(f"{out} already finished all {cfg.epochs} epochs; nothing to resume")
     wall0 = time.perf_counter()
     progress = RunProgress(total_batches, enabled=show_progress)
+    progress.advance(batches_done)
     progress.log(
         f"ffpipe: in-process {cfg.preset} run on {data.name} ({n_train:,} train, {len(eval_split):,} {eval_name}) "
         f"from {data.source}; layers {list(cfg.layers)}, batch {bs}, {cfg.epochs} epochs, {cfg.device}, {threads} threads"
+        + (f"; resuming after epoch {start_epoch}" if resume is not None else "")
     )
-    with MetricsWriter(out / "metrics.jsonl") as metrics, progress:
-        for phase in phases:
-            for epoch in range(cfg.epochs):
+    with MetricsWriter(out / "metrics.jsonl", append=resume is not None) as metrics, progress:
+        for k, phase in enumerate(phases):
+            if k < start_phase:
+                continue
+            for epoch in range(start_epoch if k == start_phase else 0, cfg.epochs):
                 set_lr_all(opts, ro_opt, cfg, epoch)
                 t0 = time.perf_counter()
                 for b, idx in enumerate(batch_indices(n_train, bs, gen)):
@@ -138,8 +168,8 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True) -> dict:
                         + (f" (readout {record['readout_accuracy']:.4f})" if "readout_accuracy" in record else "")
                         + f"  train {train_s:,.0f}s  {samples_done / max(train_s, 1e-9):,.0f} samples/s"
                     )
-                if phase is None or phase == phases[-1]:
-                    checkpoint.save(out / checkpoint.FILENAME, checkpoint_payload(net, opts, ro_opt, data, epoch + 1, batches_done))
+                done = {"history": history, "time_to": time_to, "train_s": train_s, "samples": samples_done}
+                checkpoint.save(out / checkpoint.FILENAME, checkpoint_payload(net, opts, ro_opt, data, epoch + 1, batches_done, k, gen, done))
 
     final = history[-1]
     test = final if eval_name == "test" else _evaluate(net, data.test, cfg.epochs, train_s, wall0)

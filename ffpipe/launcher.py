@@ -9,6 +9,7 @@ that dies makes the launcher stop the rest and fail with one line naming it. Chi
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -72,12 +73,14 @@ def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM it whe
 
 
 class Launcher:
-    def __init__(self, cfg: RunConfig, data: Data, devices: list[str], threads: int, show_progress: bool = True):
+    def __init__(self, cfg: RunConfig, data: Data, devices: list[str], threads: int, show_progress: bool = True,
+                 resume: bool = False):
         self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads
         self.out = Path(cfg.out)
         self.show_progress = show_progress
         self.children: list[Child] = []
         self.stop_requested_at: float | None = None
+        self.resume = resume
 
     def _spawn(self, role: str, index: int | None, device: str, flags: list[str]) -> Child:
         cmd = [sys.executable, "-m", "ffpipe", "run", "--role", role, *flags]
@@ -97,6 +100,8 @@ class Launcher:
         topo = Topology.local(len(cfg.layers))
         (self.out / "config.json").write_text(cfg.to_json())
         flags = ["--config", str(self.out / "config.json"), "--out", str(self.out), *topo.as_flags()]
+        if self.resume:
+            flags.append("--resume-role")
         # downstream first: nothing depends on it, but it makes the first batches flow without retries
         self.children.append(self._spawn("sink", None, "cpu", flags))
         for i in reversed(range(len(cfg.layers))):
@@ -116,8 +121,6 @@ class Launcher:
                 signal.signal(s, handler)
             self._kill_all()
         self.assemble_checkpoint()
-        import json
-
         return json.loads((self.out / "summary.json").read_text())
 
     def _on_signal(self, signum, frame) -> None:
@@ -175,5 +178,6 @@ class Launcher:
         })
 
 
-def launch(cfg: RunConfig, data: Data, devices: str = "cpu", threads: int = 1, show_progress: bool = True) -> dict:
-    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress).run()
+def launch(cfg: RunConfig, data: Data, devices: str = "cpu", threads: int = 1, show_progress: bool = True,
+           resume: bool = False) -> dict:
+    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress, resume).run()

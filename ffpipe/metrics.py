@@ -8,9 +8,9 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "w", buffering=1)  # line-buffered: a crash loses at most the last line
+        self._file = open(path, "a" if append else "w", buffering=1)  # line-buffered: a crash loses at most the last line
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -10,6 +10,7 @@ message, which carries each role's counts and peak memory.
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import time
@@ -33,7 +34,8 @@ POLL_MS = 250
 
 
 class Sink:
-    def __init__(self, cfg: RunConfig, topo: Topology, out: Path, peer_timeout_s: float = 120.0, show_progress: bool = True):
+    def __init__(self, cfg: RunConfig, topo: Topology, out: Path, peer_timeout_s: float = 120.0, show_progress: bool = True,
+                 resume: bool = False):
         self.cfg, self.topo, self.out = cfg, topo, Path(out)
         self.timeout_ms = int(peer_timeout_s * 1000)
         self.readout: nn.Linear | None = None
@@ -50,6 +52,24 @@ class Sink:
         self.samples_after_first = 0
         self.stopping = False
         self.show_progress = show_progress
+        self.resume = resume
+        if resume:
+            self._load()
+
+    def _load(self) -> None:
+        """Continue a stopped run: its readout, evaluation history and times to accuracy."""
+        path = self.out / "readout.pt"
+        if path.is_file():
+            payload = checkpoint.load(path)
+            w = payload["readout"]["weight"]
+            self.readout = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            self.readout.load_state_dict(payload["readout"])
+            self.readout_opt = make_optimizer(self.readout.parameters(), self.cfg.readout_optim)
+            self.readout_opt.load_state_dict(payload["optimizer"])
+        summary = self.out / "summary.json"
+        if summary.is_file():
+            previous = json.loads(summary.read_text())
+            self.history, self.time_to = previous.get("history", []), previous.get("time_to_accuracy_s", {})
 
     # ---- readout (trained here, on the features the layers appended)
 
@@ -142,7 +162,7 @@ class Sink:
         total = None
         progress = RunProgress(1, enabled=self.show_progress)
         try:
-            with MetricsWriter(self.out / "metrics.jsonl") as metrics, progress:
+            with MetricsWriter(self.out / "metrics.jsonl", append=self.resume) as metrics, progress:
                 while stop is None and not self.stopping:
                     try:
                         msg = transport.recv(inbox, POLL_MS)
@@ -199,7 +219,7 @@ class Sink:
                                  **({"sink": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())} if self.rejected else {})},
             "complete": stop is not None and s.get("source.sent_train") == self.received["train"]
                         and s.get("source.sent_eval") == self.received["eval"]
-                        and all(s.get(f"layer{i}.applied") == self.received["train"] for i in layers),
+                        and all(s.get(f"layer{i}.applied_now") == self.received["train"] for i in layers),
         }
         peak = {"source": s.get("source.peak_rss_mb"), **{f"layer{i}": s.get(f"layer{i}.peak_rss_mb") for i in layers},
                 "sink": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -222,8 +242,8 @@ class Sink:
         }
 
 
-def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = True) -> dict:
-    sink = Sink(cfg, topo, out, show_progress=show_progress)
+def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = True, resume: bool = False) -> dict:
+    sink = Sink(cfg, topo, out, show_progress=show_progress, resume=resume)
 
     def request_stop(signum, frame):
         sink.stopping = True

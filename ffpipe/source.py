@@ -19,7 +19,9 @@ import time
 import torch
 import zmq
 
-from ffpipe import ff, transport
+from pathlib import Path
+
+from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, batch_indices, channel_stats
 from ffpipe.model import label_value, prepare_inputs
@@ -34,7 +36,7 @@ def peak_rss_mb() -> float:
 
 
 class Source:
-    def __init__(self, cfg: RunConfig, data: Data, topo: Topology, peer_timeout_s: float = 120.0):
+    def __init__(self, cfg: RunConfig, data: Data, topo: Topology, peer_timeout_s: float = 120.0, skip: int = 0):
         if cfg.schedule != "joint":
             raise ValueError("the pipeline trains every layer on every batch: use --schedule joint (greedy is in-process only)")
         self.cfg, self.data, self.topo = cfg, data, topo
@@ -45,19 +47,23 @@ class Source:
         self.stopping = False
         self.seq = 0
         self.sent = {"train": 0, "eval": 0}
+        self.skip = skip  # train batches already applied by every layer (resume): drawn again, not sent
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         return prepare_inputs(images, self.mean, self.std, self.cfg.standardize)
+
+    def _negatives(self, idx: torch.Tensor) -> torch.Tensor:
+        labels = self.data.train.y[idx]
+        if self.cfg.negatives == "hard":
+            return ff.hard_wrong_labels(self.beliefs[idx], labels, self.gen)
+        return ff.random_wrong_labels(labels, self.data.num_classes, self.gen)
 
     def train_message(self, epoch: int, idx: torch.Tensor, total: int) -> Message:
         cfg, c = self.cfg, self.data.num_classes
         labels = self.data.train.y[idx]
         x = self._inputs(self.data.train.x[idx])
         value = label_value(x, cfg.label_value)
-        if cfg.negatives == "hard":
-            neg = ff.hard_wrong_labels(self.beliefs[idx], labels, self.gen)
-        else:
-            neg = ff.random_wrong_labels(labels, c, self.gen)
+        neg = self._negatives(idx)
         tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, neg, c, value), "y": labels, "idx": idx}
         if cfg.uses_readout:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
@@ -105,17 +111,28 @@ class Source:
         inbox = transport.pull(ctx, self.topo.source.bind_url(self.topo.bind_host)) if cfg.negatives == "hard" else None
         n = len(self.data.train)
         total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+        drawn = 0  # train batches drawn so far, sent or (when resuming) skipped
+        per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
         try:
             for epoch in range(cfg.epochs):
                 for idx in batch_indices(n, cfg.batch_size, self.gen):
                     if self.stopping:
                         break
+                    drawn += 1
+                    if drawn <= self.skip:  # same draws from the generator, same seq numbers, nothing sent
+                        self._negatives(idx)
+                        self.seq += 1
+                        continue
                     self._drain_beliefs(inbox)
                     self._send(out, self.train_message(epoch, idx, total))
                 if self.stopping:
                     break
                 if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                    for msg in self.eval_messages(epoch + 1):
+                    messages = self.eval_messages(epoch + 1)
+                    if (epoch + 1) * per_epoch < self.skip:  # the run went past this evaluation before it stopped
+                        self.seq += len(messages)
+                        continue
+                    for msg in messages:
                         self._send(out, msg)
             stats = {"source.sent_train": self.sent["train"], "source.sent_eval": self.sent["eval"],
                      "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping}
@@ -128,8 +145,20 @@ class Source:
         return {"sent_train": self.sent["train"], "sent_eval": self.sent["eval"], "interrupted": self.stopping}
 
 
-def run_source(cfg: RunConfig, data: Data, topo: Topology) -> dict:
-    source = Source(cfg, data, topo)
+def applied_by_every_layer(out: Path, num_layers: int) -> int:
+    """How many train batches every layer checkpoint in `out` has applied (where a resumed run starts)."""
+    counts = []
+    for i in range(num_layers):
+        path = out / f"layer{i}.pt"
+        counts.append(checkpoint.load(path)["applied"] if path.is_file() else 0)
+    return min(counts)
+
+
+def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False) -> dict:
+    skip = applied_by_every_layer(Path(cfg.out), len(cfg.layers)) if resume else 0
+    if skip:
+        print(f"ffpipe source: resuming after {skip} train batches", flush=True)
+    source = Source(cfg, data, topo, skip=skip)
 
     def request_stop(signum, frame):  # SIGTERM/SIGINT: stop sending batches, send stop, exit cleanly
         source.stopping = True

@@ -15,6 +15,7 @@ from ffpipe.wire import Message, WireError, decode, encode
 SEND_HWM = 2  # messages queued in a sender: with RECV_HWM, a link holds a handful of batches
 RECV_HWM = 2
 MAX_MSG_BYTES = 1 << 30  # sockets drop (and ZeroMQ disconnects) any single message above this
+KERNEL_BUFFER = 256 * 1024  # TCP send/receive buffers: without a cap the kernel would hold many small batches
 LINGER_MS = 2000  # how long close() may wait to flush queued messages (stop must get through)
 _SMALL = 16 * 1024  # frames below this are copied into ZeroMQ (cheaper than tracking them)
 
@@ -50,6 +51,7 @@ class Endpoint:
 def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.RCVBUF, KERNEL_BUFFER)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(url)
@@ -59,6 +61,7 @@ def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM) -> zmq.Socket:
 def push(ctx: zmq.Context, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGER_MS) -> zmq.Socket:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.SNDBUF, KERNEL_BUFFER)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.connect(url)
     return sock

@@ -33,7 +33,7 @@ POLL_MS = 250  # how often a waiting worker checks for a stop signal
 
 class Worker:
     def __init__(self, cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu",
-                 peer_timeout_s: float = 120.0):
+                 peer_timeout_s: float = 120.0, resume: bool = False):
         if not 0 <= index < len(cfg.layers):
             raise ValueError(f"--index {index} is out of range for {len(cfg.layers)} layers")
         self.cfg, self.index, self.topo, self.out, self.device = cfg, index, topo, Path(out), torch.device(device)
@@ -46,6 +46,27 @@ class Worker:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.busy_s = 0.0
         self.stopping = False
+        self.replayed = 0
+        if resume and self.path.is_file():
+            self.load()
+        self.applied_at_start = self.applied
+
+    @property
+    def path(self) -> Path:
+        return self.out / f"layer{self.index}.pt"
+
+    def load(self) -> None:
+        """Continue from this layer's checkpoint: weights, optimizer, and which batches it has applied."""
+        payload = checkpoint.load(self.path, map_location=str(self.device))
+        try:
+            self._ensure_layer(int(payload["in_features"]))
+            self.layer.load_state_dict(payload["layer"])
+            self.opt.load_state_dict(payload["optimizer"])
+            self.applied, self.last_seq, self.epoch = payload["applied"], payload["last_seq"], payload["epoch"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(f"{self.path}: does not match this run ({type(e).__name__}: {e})") from e
+        if self.epoch >= 0:
+            set_lr(self.opt, self.cfg.optim.lr * ff.lr_factor(self.epoch, self.cfg.epochs, self.cfg.optim.schedule))
 
     # ---- the FF work, one message at a time
 
@@ -67,17 +88,21 @@ class Worker:
         layer = self._ensure_layer(x_pos.shape[1])
         if x_pos.shape[1] != layer.linear.in_features:
             raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
+        if msg.seq <= self.last_seq:  # a batch this layer has learned from already: forward it, never apply it twice
+            self.replayed += 1
+            with torch.no_grad():
+                h = layer(torch.cat([x_pos, x_neg]))
+            out = {k: t[k] for k in ("y", "idx")}
+            out.update(x_pos=h[: len(x_pos)], x_neg=h[len(x_pos) :])
+            if "x_neu" in t:
+                out.update(self._neutral(layer, t))
+            return Message("train", msg.seq, msg.epoch, dict(msg.scalars), out)
         if msg.epoch != self.epoch:
             self.epoch = msg.epoch
             set_lr(self.opt, self.cfg.optim.lr * ff.lr_factor(msg.epoch, self.cfg.epochs, self.cfg.optim.schedule))
         out = {"y": t["y"], "idx": t["idx"]}
         if "x_neu" in t:  # neutral pass first, with the weights the in-process trainer would use
-            with torch.no_grad():
-                h_neu = layer(self._to(t["x_neu"]))
-            feats = self._to(t["feats"])
-            if self.index >= self.cfg.first_readout:
-                feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
-            out.update(x_neu=h_neu, feats=feats)
+            out.update(self._neutral(layer, t))
         r = local_update(layer, self.opt, x_pos, x_neg)
         self.applied += 1
         self.last_seq = msg.seq
@@ -90,21 +115,30 @@ class Worker:
     def on_eval(self, msg: Message) -> Message:
         t = msg.tensors
         x_all, acc = self._to(t["x_all"]), t["goodness"]
+        if acc.ndim != 2 or x_all.ndim != 2 or x_all.shape[0] != acc.shape[0] * acc.shape[1]:
+            raise WireError(f"eval batch needs goodness (B, C) and x_all (B*C, D), got {tuple(acc.shape)} and {tuple(x_all.shape)}")
         b, c = acc.shape
-        if x_all.ndim != 2 or x_all.shape[0] != b * c:
-            raise WireError(f"eval batch needs x_all of ({b * c}, D), got {tuple(x_all.shape)}")
         layer = self._ensure_layer(x_all.shape[1])
+        if x_all.shape[1] != layer.linear.in_features:
+            raise WireError(f"eval batch of width {x_all.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
         h = layer(x_all)
         if self.index >= self.cfg.first_scored:
             acc = acc + layer.goodness(h).view(b, c).cpu()
         out = {"x_all": h, "goodness": acc, "y": t["y"]}
         if "x_neu" in t:
-            h_neu = layer(self._to(t["x_neu"]))
-            feats = self._to(t["feats"])
-            if self.index >= self.cfg.first_readout:
-                feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
-            out.update(x_neu=h_neu, feats=feats)
+            out.update(self._neutral(layer, t))
         return Message("eval", msg.seq, msg.epoch, msg.scalars, out)
+
+    @torch.no_grad()
+    def _neutral(self, layer: FFLayer, t: dict) -> dict:
+        """The neutral-label pass, and this layer's normalized activity appended to the readout's features."""
+        h_neu = layer(self._to(t["x_neu"]))
+        feats = self._to(t["feats"])
+        if feats.shape[0] != h_neu.shape[0]:
+            raise WireError(f"feats has {feats.shape[0]} rows for {h_neu.shape[0]} images")
+        if self.index >= self.cfg.first_readout:
+            feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
+        return {"x_neu": h_neu, "feats": feats}
 
     def save(self) -> None:
         if self.layer is None:
@@ -117,7 +151,8 @@ class Worker:
 
     def stats(self) -> dict:
         i = self.index
-        return {f"layer{i}.applied": self.applied, f"layer{i}.rejected": sum(self.rejected.values()),
+        return {f"layer{i}.applied": self.applied, f"layer{i}.applied_now": self.applied - self.applied_at_start,
+                f"layer{i}.replayed": self.replayed, f"layer{i}.rejected": sum(self.rejected.values()),
                 f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items()),
                 f"layer{i}.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device)}
@@ -165,9 +200,10 @@ class Worker:
             ctx.term()
 
 
-def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu", threads: int = 1) -> None:
+def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu", threads: int = 1,
+               resume: bool = False) -> None:
     torch.set_num_threads(threads or 1)
-    worker = Worker(cfg, index, topo, out, device)
+    worker = Worker(cfg, index, topo, out, device, resume=resume)
 
     def request_stop(signum, frame):  # finish the message in hand, checkpoint, exit
         worker.stopping = True

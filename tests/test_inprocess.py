@@ -73,3 +73,29 @@ def test_random_negatives_readout_prediction_and_seed_recipe_math_run(tmp_path, 
     for kw in (dict(negatives="random", predict="readout"), dict(standardize=True, label_value=None)):
         summary = inprocess.train(_cfg(tmp_path, epochs=1, **kw), digits, show_progress=False)
         assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, digits, monkeypatch):
+    straight = inprocess.train(_cfg(tmp_path / "a", epochs=4), digits, show_progress=False)
+    real_evaluate = inprocess._evaluate
+
+    def interrupt_in_epoch_three(net, split, epoch, *args):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(net, split, epoch, *args)
+
+    monkeypatch.setattr(inprocess, "_evaluate", interrupt_in_epoch_three)
+    cfg = _cfg(tmp_path / "b", epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        inprocess.train(cfg, digits, show_progress=False)
+    monkeypatch.setattr(inprocess, "_evaluate", real_evaluate)
+    saved = checkpoint.load(tmp_path / "b" / "run")
+    assert saved["epoch"] == 2
+    resumed = inprocess.train(cfg, digits, show_progress=False, resume=saved)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    a, b = load_model(tmp_path / "a" / "run")[0].state_dict(), load_model(tmp_path / "b" / "run")[0].state_dict()
+    for key in a:
+        assert_close(a[key], b[key], rtol=0, atol=0)
+    assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"])
+    with pytest.raises(ValueError, match="already finished"):
+        inprocess.train(cfg, digits, show_progress=False, resume=checkpoint.load(tmp_path / "b" / "run"))

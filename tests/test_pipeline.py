@@ -159,3 +159,22 @@ def test_role_flags_are_checked(tmp_path):
                           (["--devices", "cpu,cpu,cpu"], "3 devices for 2 layers")):
         result = runner.invoke(app, ["run", "--dataset", "digits", "--layers", "8,8", "--out", str(tmp_path), *args])
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    args = ["--layers", "64,64", "--epochs", "40", "--negatives", "random"]
+    proc, out = _start(tmp_path, *args)
+    _wait_until(proc, _training(out))
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=15)
+    stopped = checkpoint.load(out / "layer0.pt")["applied"]
+    assert 0 < stopped < 40 * 29
+    _cli("run", "--resume", out, "--quiet")
+    s = _summary(out)
+    assert s["accounting"]["complete"] and s["accounting"]["applied"] == [40 * 29] * 2
+    assert s["accounting"]["sent_train"] == 40 * 29 - stopped  # nothing applied twice, nothing skipped
+    _cli("run", *SMALL, *args, "--eval-every", "1", "--out", tmp_path / "straight")
+    resumed, straight = checkpoint.load(out)["model"], checkpoint.load(tmp_path / "straight")["model"]
+    for key in straight:
+        assert_close(resumed[key], straight[key], msg=key)
