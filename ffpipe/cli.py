@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import zmq
 from rich.console import Console
 from rich.table import Table
 
@@ -133,6 +134,8 @@ def run(
 
             state = checkpoint.load(resume) if resume is not None else None
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            if resume is None:  # a pipeline run that used this folder before must not be resumed as one
+                (Path(cfg.out) / "run.json").unlink(missing_ok=True)
             (Path(cfg.out) / "config.json").write_text(cfg.to_json())
             try:
                 trainer.train(cfg, data, show_progress=not quiet, resume=state)
@@ -143,8 +146,10 @@ def run(
             from ffpipe.launcher import launch
 
             launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None)
-    except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout) as e:
+    except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError) as e:
         raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
 
 
 def _read_config(path: Path):
@@ -168,6 +173,9 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
     topo = Topology.parse(source_addr, layer_addrs, sink_addr, bind_host)
     if len(topo.layers) != len(cfg.layers):
         raise ValueError(f"--layer-addrs lists {len(topo.layers)} addresses for {len(cfg.layers)} layers")
+    from ffpipe.launcher import die_with_launcher
+
+    die_with_launcher()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if role == "source":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
 
 
@@ -44,6 +45,8 @@ class LayerConfig:
         _choice("relu_grad", self.relu_grad, ("full", "standard"))
         _choice("init", self.init, ("normal", "torch"))
         _positive("peer_norm", self.peer_norm, allow_zero=True)
+        _positive("threshold", self.threshold, allow_zero=True)
+        _positive("symba_alpha", self.symba_alpha)
         if not 0 <= self.peer_momentum < 1:
             raise ValueError(f"peer_momentum must be in [0, 1); got {self.peer_momentum}")
 
@@ -115,6 +118,14 @@ class RunConfig:
         _positive("threads", self.threads, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)
         _positive("log_every", self.log_every)
+        if self.schedule == "greedy" and self.uses_readout:
+            raise ValueError("the greedy schedule trains no readout: use --negatives random and --predict goodness with it")
+        try:
+            import torch
+
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
 
     @property
     def first_scored(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 import os
 import socket
 import sys
@@ -82,7 +83,7 @@ def read_idx(path: Path) -> torch.Tensor:
     """Read one IDX file of unsigned bytes (plain or .gz), validating its header against its length."""
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read IDX file ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")

@@ -65,11 +65,21 @@ def resolve_devices(spec: str, num_layers: int) -> list[str]:
     return parts
 
 
-def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM it when the launcher dies
+STALE = ("layer*.pt", "readout.pt", "run.json", "summary.json", "checkpoint.pt", "metrics.jsonl")
+
+
+def die_with_launcher() -> None:
+    """Called by a role at start-up when a launcher started it: get SIGTERM when the launcher dies (Linux),
+    and exit at once if it is already gone."""
+    parent = os.environ.get("FFPIPE_LAUNCHER_PID")
+    if not parent:
+        return
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        sys.exit("ffpipe: the launcher that started this role is gone")
 
 
 class Launcher:
@@ -90,13 +100,19 @@ class Launcher:
             cmd += ["--device", device, "--threads", str(self.threads)]
         if role == "sink" and not self.show_progress:
             cmd += ["--quiet"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1", "FFPIPE_LAUNCHER_PID": str(os.getpid())}
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         return Child(role, index, device, proc)
 
     def run(self) -> dict:
         cfg = self.cfg
+        if cfg.schedule != "joint":
+            raise ValueError("the pipeline trains every layer on every batch: use --schedule joint, or --inprocess for greedy")
         self.out.mkdir(parents=True, exist_ok=True)
+        if not self.resume:  # a fresh run must not pick up another run's layers, readout or summary
+            for pattern in STALE:
+                for path in self.out.glob(pattern):
+                    path.unlink()
         topo = Topology.local(len(cfg.layers))
         (self.out / "config.json").write_text(cfg.to_json())
         flags = ["--config", str(self.out / "config.json"), "--out", str(self.out), *topo.as_flags()]
@@ -130,6 +146,8 @@ class Launcher:
             source = next(c for c in self.children if c.role == "source")
             if source.proc.poll() is None:
                 source.proc.send_signal(signal.SIGTERM)
+            else:  # everything is already sent: let the pipeline drain as it would have
+                self.stop_requested_at = None
 
     def _watch(self) -> None:
         while True:
@@ -139,7 +157,9 @@ class Launcher:
                     what = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
                     raise PipelineError(f"{c.name} (pid {c.proc.pid}) died: {what}; stopped the rest")
             if all(c.proc.poll() == 0 for c in self.children):
-                if self.stop_requested_at is not None:
+                summary = self.out / "summary.json"
+                interrupted = not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True)
+                if self.stop_requested_at is not None and interrupted:
                     raise PipelineError("stopped on request before the run finished; layer checkpoints are in " + str(self.out))
                 return
             if self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > STOP_GRACE_S:
@@ -168,7 +188,8 @@ class Launcher:
             state.update({f"layers.{i}.{k}": v for k, v in part["layer"].items()})
         readout = self.out / "readout.pt"
         width = sum(cfg.layers[cfg.first_readout :])
-        state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if readout.is_file() else torch.zeros(self.data.num_classes, width)
+        use_readout = cfg.uses_readout and readout.is_file()
+        state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if use_readout else torch.zeros(self.data.num_classes, width)
         c = self.data.shape[0]
         mean, std = channel_stats(self.data.train.x) if cfg.standardize else (torch.zeros(c), torch.ones(c))
         state.update(input_mean=mean, input_std=std)

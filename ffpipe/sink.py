@@ -73,11 +73,14 @@ class Sink:
 
     # ---- readout (trained here, on the features the layers appended)
 
-    def _readout_step(self, msg: Message) -> torch.Tensor:
-        feats, y = msg.tensors["feats"].float(), msg.tensors["y"].long()
+    def _readout_step(self, msg: Message, classes: int) -> torch.Tensor:
+        feats, y = msg.tensors["feats"], msg.tensors["y"]
+        width = sum(self.cfg.layers[self.cfg.first_readout :])
+        if feats.dtype != torch.float32 or feats.shape != (len(y), width):
+            raise ValueError(f"feats must be float32 ({len(y)}, {width}), got {feats.dtype} {tuple(feats.shape)}")
         if self.readout is None:
             torch.manual_seed(self.cfg.seed)
-            self.readout = nn.Linear(feats.shape[1], int(msg.scalars["classes"]), bias=False)
+            self.readout = nn.Linear(width, classes, bias=False)
             nn.init.zeros_(self.readout.weight)
             self.readout_opt = make_optimizer(self.readout.parameters(), self.cfg.readout_optim)
         if msg.epoch != self.epoch:
@@ -93,9 +96,22 @@ class Sink:
 
     # ---- message handlers
 
+    @staticmethod
+    def _labels(msg: Message) -> tuple[torch.Tensor, int]:
+        """The message's labels, checked: (B,) int64 in [0, classes), B >= 1."""
+        y, classes = msg.tensors["y"], msg.scalars.get("classes")
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+            raise ValueError(f"'classes' must be an integer >= 2, got {classes!r}")
+        if y.dtype != torch.int64 or y.ndim != 1 or len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= classes:
+            raise ValueError(f"y must be non-empty int64 labels in [0, {classes}), got {y.dtype} {tuple(y.shape)}")
+        return y, classes
+
     def on_train(self, msg: Message, metrics: MetricsWriter, beliefs: zmq.Socket | None, progress: RunProgress) -> None:
+        y, classes = self._labels(msg)
+        if "feats" in msg.tensors:
+            logits = self._readout_step(msg, classes)
         now = time.perf_counter()
-        n = len(msg.tensors["y"])
+        n = len(y)
         if self.t_first is None:
             self.t_first = now
         else:
@@ -104,7 +120,6 @@ class Sink:
         self.received["train"] += 1
         self.samples += n
         if "feats" in msg.tensors:
-            logits = self._readout_step(msg)
             if beliefs is not None:
                 try:  # advisory: never let a slow source stall the sink
                     transport.send_nowait(beliefs, Message("beliefs", msg.seq, msg.epoch, {}, {"idx": msg.tensors["idx"], "logits": logits}))
@@ -121,13 +136,15 @@ class Sink:
 
     @torch.no_grad()
     def on_eval(self, msg: Message, metrics: MetricsWriter, progress: RunProgress) -> None:
-        self.received["eval"] += 1
         s, t = msg.scalars, msg.tensors
-        y = t["y"].long()
+        y, classes = self._labels(msg)
+        if t["goodness"].shape != (len(y), classes) or not all(isinstance(s.get(k), int) for k in ("round", "batches")):
+            raise ValueError("eval message needs goodness (B, C) and integer round and batches")
+        self.received["eval"] += 1
         r = self.rounds.setdefault(int(s["round"]), {"n": 0, "correct": 0, "readout_correct": 0, "parts": 0})
         r["n"] += len(y)
         r["correct"] += int((t["goodness"].argmax(1) == y).sum())
-        if "feats" in t and self.readout is not None:
+        if "feats" in t and self.readout is not None and t["feats"].shape == (len(y), self.readout.in_features):
             r["readout_correct"] += int((self.readout(t["feats"].float()).argmax(1) == y).sum())
         r["parts"] += 1
         if r["parts"] < int(s["batches"]):
@@ -149,6 +166,13 @@ class Sink:
                      + (f" (readout {readout_acc:.4f})" if "readout_accuracy" in record else "")
                      + f"  wall {elapsed:,.0f}s")
 
+    def _reject(self, reason: str) -> None:
+        if reason not in self.rejected and len(self.rejected) >= 20:
+            reason = "other reasons"
+        if reason not in self.rejected:
+            print(f"ffpipe sink: rejected a message: {reason}", flush=True)
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     # ---- the loop
 
     def run(self) -> dict:
@@ -167,9 +191,7 @@ class Sink:
                     try:
                         msg = transport.recv(inbox, POLL_MS)
                     except WireError as e:
-                        reason = str(e)[:120]
-                        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-                        print(f"ffpipe sink: rejected a message: {reason}", flush=True)
+                        self._reject(str(e)[:120])
                         continue
                     if msg is None:
                         waited += POLL_MS
@@ -179,18 +201,16 @@ class Sink:
                     waited = 0
                     try:
                         if msg.kind == "train":
-                            if total is None:
-                                total = int(msg.scalars["total"])
+                            if total is None and isinstance(msg.scalars.get("total"), int):
+                                total = msg.scalars["total"]
                                 progress.set_total(total)
                             self.on_train(msg, metrics, beliefs, progress)
                         elif msg.kind == "eval":
                             self.on_eval(msg, metrics, progress)
                         elif msg.kind == "stop":
                             stop = msg
-                    except (KeyError, ValueError, RuntimeError) as e:
-                        reason = f"{msg.kind}: {type(e).__name__}: {e}"[:120]
-                        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-                        print(f"ffpipe sink: rejected a message: {reason}", flush=True)
+                    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+                        self._reject(f"{msg.kind}: {type(e).__name__}: {e}"[:120])
         finally:
             inbox.close()
             if beliefs is not None:
@@ -219,7 +239,8 @@ class Sink:
                                  **({"sink": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())} if self.rejected else {})},
             "complete": stop is not None and s.get("source.sent_train") == self.received["train"]
                         and s.get("source.sent_eval") == self.received["eval"]
-                        and all(s.get(f"layer{i}.applied_now") == self.received["train"] for i in layers),
+                        and all((s.get(f"layer{i}.applied_now") or 0) + (s.get(f"layer{i}.replayed") or 0) == self.received["train"]
+                                for i in layers),
         }
         peak = {"source": s.get("source.peak_rss_mb"), **{f"layer{i}": s.get(f"layer{i}.peak_rss_mb") for i in layers},
                 "sink": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -237,6 +258,7 @@ class Sink:
             "peak_rss_mb": peak,
             "busy_s": {f"layer{i}": s.get(f"layer{i}.busy_s") for i in layers},
             "devices": {f"layer{i}": s.get(f"layer{i}.device") for i in layers},
+            "threads": cfg.threads or 1,
             "history": self.history,
             "config": cfg.to_dict(),
         }

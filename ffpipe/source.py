@@ -58,7 +58,7 @@ class Source:
             return ff.hard_wrong_labels(self.beliefs[idx], labels, self.gen)
         return ff.random_wrong_labels(labels, self.data.num_classes, self.gen)
 
-    def train_message(self, epoch: int, idx: torch.Tensor, total: int) -> Message:
+    def train_message(self, epoch: int, idx: torch.Tensor, total: int, batch: int) -> Message:
         cfg, c = self.cfg, self.data.num_classes
         labels = self.data.train.y[idx]
         x = self._inputs(self.data.train.x[idx])
@@ -68,13 +68,20 @@ class Source:
         if cfg.uses_readout:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(idx), 0)
-        return Message("train", self.seq, epoch, {"total": total, "classes": c}, tensors)
+        return Message("train", self.seq, epoch, {"total": total, "classes": c, "batch": batch}, tensors)
 
-    def eval_messages(self, epoch: int) -> list[Message]:
+    @property
+    def eval_split(self):
+        return (self.data.val, "val") if self.data.val is not None else (self.data.test, "test")
+
+    def eval_batches(self) -> int:
+        return (len(self.eval_split[0]) + EVAL_BATCH - 1) // EVAL_BATCH
+
+    def eval_messages(self, epoch: int):
+        """One evaluation round, built one message at a time (each holds every label of EVAL_BATCH images)."""
         cfg, c = self.cfg, self.data.num_classes
-        split, name = (self.data.val, "val") if self.data.val is not None else (self.data.test, "test")
+        split, name = self.eval_split
         starts = range(0, len(split), EVAL_BATCH)
-        out = []
         for k, i in enumerate(starts):
             images, labels = split.x[i : i + EVAL_BATCH], split.y[i : i + EVAL_BATCH]
             x = self._inputs(images)
@@ -84,8 +91,7 @@ class Source:
                 tensors["x_neu"] = ff.overlay(x, None, c, value)
                 tensors["feats"] = torch.empty(len(labels), 0)
             scalars = {"split": name, "round": epoch, "batches": len(starts), "part": k, "classes": c, "final": epoch == cfg.epochs}
-            out.append(Message("eval", 0, epoch, scalars, tensors))
-        return out
+            yield Message("eval", 0, epoch, scalars, tensors)
 
     def _send(self, sock: zmq.Socket, msg: Message) -> None:
         msg.seq = self.seq
@@ -101,8 +107,15 @@ class Source:
             except WireError as e:
                 print(f"ffpipe source: rejected a malformed belief message: {e}", flush=True)
                 continue
-            if msg is not None and msg.kind == "beliefs":
-                self.beliefs[msg.tensors["idx"].long()] = msg.tensors["logits"].float()
+            if msg is None or msg.kind != "beliefs":
+                continue
+            idx, logits = msg.tensors.get("idx"), msg.tensors.get("logits")
+            n, c = self.beliefs.shape
+            if (idx is None or logits is None or idx.dtype != torch.int64 or idx.ndim != 1 or logits.shape != (len(idx), c)
+                    or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n))):
+                print("ffpipe source: rejected a belief message with bad idx/logits", flush=True)
+                continue
+            self.beliefs[idx] = logits.float()
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -124,15 +137,16 @@ class Source:
                         self.seq += 1
                         continue
                     self._drain_beliefs(inbox)
-                    self._send(out, self.train_message(epoch, idx, total))
+                    self._send(out, self.train_message(epoch, idx, total, drawn))
                 if self.stopping:
                     break
                 if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                    messages = self.eval_messages(epoch + 1)
                     if (epoch + 1) * per_epoch < self.skip:  # the run went past this evaluation before it stopped
-                        self.seq += len(messages)
+                        self.seq += self.eval_batches()
                         continue
-                    for msg in messages:
+                    for msg in self.eval_messages(epoch + 1):
+                        if self.stopping:
+                            break
                         self._send(out, msg)
             stats = {"source.sent_train": self.sent["train"], "source.sent_eval": self.sent["eval"],
                      "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping}

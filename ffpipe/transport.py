@@ -70,6 +70,9 @@ def push(ctx: zmq.Context, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGE
 def send(sock: zmq.Socket, msg: Message, timeout_ms: int | None = None) -> None:
     """Send one message; blocks while the peer's queue is full (backpressure), up to timeout_ms."""
     frames = encode(msg)
+    size = sum(len(f) for f in frames)
+    if size > MAX_MSG_BYTES:  # ZeroMQ would drop it silently at the receiver
+        raise WireError(f"a {msg.kind} message of {size} bytes exceeds the {MAX_MSG_BYTES}-byte cap; use smaller batches")
     if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLOUT):
         raise PeerTimeout(f"could not send a {msg.kind} message within {timeout_ms / 1000:g}s (peer gone or stuck)")
     last = len(frames) - 1

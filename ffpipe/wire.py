@@ -35,7 +35,8 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 16
 MAX_DIMS = 4
-MAX_TENSOR_BYTES = 512 * 1024 * 1024  # the decoder's cap; sockets also cap whole messages (MAXMSGSIZE)
+MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor, both ways; sockets also cap whole messages (MAXMSGSIZE)
+MAX_DIM = 2**31
 
 
 class WireError(Exception):
@@ -72,6 +73,8 @@ def encode(msg: Message) -> list:
     for name, t in msg.tensors.items():
         if t.dtype not in _NAMES:
             raise WireError(f"tensor {name!r}: dtype {t.dtype} is not sent on the wire")
+        if t.numel() * t.element_size() > MAX_TENSOR_BYTES or t.ndim > MAX_DIMS:
+            raise WireError(f"tensor {name!r} of shape {tuple(t.shape)} exceeds the wire's caps (4 dims, {MAX_TENSOR_BYTES} bytes)")
         descriptors.append([name, _NAMES[t.dtype], list(t.shape)])
         frames.append(_tensor_buffer(t))
     header = {"v": VERSION, "kind": msg.kind, "seq": int(msg.seq), "epoch": int(msg.epoch),
@@ -136,14 +139,15 @@ def decode(frames: list, *, check_finite: bool = True, max_tensor_bytes: int = M
 
 
 def _decode_tensor(desc, frame, seen: dict, check_finite: bool, max_bytes: int) -> tuple[str, torch.Tensor]:
-    if not (isinstance(desc, list) and len(desc) == 3 and isinstance(desc[0], str) and isinstance(desc[2], list)):
+    if not (isinstance(desc, list) and len(desc) == 3 and isinstance(desc[0], str) and isinstance(desc[1], str)
+            and isinstance(desc[2], list)):
         raise WireError(f"bad tensor descriptor {desc!r} (expected [name, dtype, shape])")
     name, dtype_name, shape = desc
     if name in seen:
         raise WireError(f"tensor {name!r} appears twice")
     if dtype_name not in DTYPES:
         raise WireError(f"tensor {name!r}: unsupported dtype {dtype_name!r}")
-    if len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+    if len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d < MAX_DIM for d in shape):
         raise WireError(f"tensor {name!r}: bad shape {shape!r}")
     dtype = DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -14,6 +14,7 @@ Nothing is kept per batch. A malformed message is logged, counted and reported d
 from __future__ import annotations
 
 import collections
+import re
 import resource
 import signal
 import time
@@ -29,6 +30,25 @@ from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
 
 POLL_MS = 250  # how often a waiting worker checks for a stop signal
+MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted as "other")
+MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
+FORWARDED = {"train": ("total", "classes", "batch"), "eval": ("split", "round", "batches", "part", "classes", "final")}
+
+
+def _earlier_layer_key(key: str, index: int) -> bool:
+    """'layer3.applied' is an earlier layer's key for every index above 3."""
+    m = re.match(r"layer(\d+)\.", key)
+    return m is not None and int(m.group(1)) < index
+
+
+def _upstream_scalars(scalars: dict, kind: str, index: int, prefixes: tuple[str, ...]) -> dict:
+    """The scalars a layer passes on: the known keys of its kind and what earlier layers added, nothing else."""
+    keep = {k: scalars[k] for k in FORWARDED.get(kind, ()) if k in scalars}
+    for k, v in scalars.items():
+        head, _, tail = k.rpartition(".")
+        if any(k.startswith(p) for p in prefixes) and tail.isdigit() and int(tail) < index and head:
+            keep[k] = v
+    return keep
 
 
 class Worker:
@@ -42,7 +62,7 @@ class Worker:
         self.opt: torch.optim.Optimizer | None = None
         self.epoch = -1
         self.applied = 0
-        self.last_seq = -1
+        self.last_batch = 0  # the source numbers train batches 1, 2, ...; the highest this layer has applied
         self.rejected: collections.Counter[str] = collections.Counter()
         self.busy_s = 0.0
         self.stopping = False
@@ -50,6 +70,13 @@ class Worker:
         if resume and self.path.is_file():
             self.load()
         self.applied_at_start = self.applied
+
+    def _reject(self, reason: str) -> None:
+        if reason not in self.rejected and len(self.rejected) >= MAX_REASONS:
+            reason = "other reasons"
+        if reason not in self.rejected:
+            print(f"ffpipe layer {self.index}: rejected a message: {reason}", flush=True)
+        self.rejected[reason] += 1
 
     @property
     def path(self) -> Path:
@@ -62,7 +89,7 @@ class Worker:
             self._ensure_layer(int(payload["in_features"]))
             self.layer.load_state_dict(payload["layer"])
             self.opt.load_state_dict(payload["optimizer"])
-            self.applied, self.last_seq, self.epoch = payload["applied"], payload["last_seq"], payload["epoch"]
+            self.applied, self.last_batch, self.epoch = payload["applied"], payload["last_batch"], payload["epoch"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise checkpoint.CheckpointError(f"{self.path}: does not match this run ({type(e).__name__}: {e})") from e
         if self.epoch >= 0:
@@ -73,6 +100,11 @@ class Worker:
     def _ensure_layer(self, in_features: int) -> FFLayer:
         if self.layer is None:
             cfg = self.cfg
+            expected = cfg.layers[self.index - 1] if self.index > 0 else None
+            if expected is not None and in_features != expected:
+                raise WireError(f"batch of width {in_features}, layer {self.index} takes {expected}")
+            if not 0 < in_features <= MAX_INPUT_FEATURES:
+                raise WireError(f"batch of width {in_features} is not a plausible input")
             self.layer = make_layer(self.index, in_features, cfg.layers[self.index], cfg.layer, cfg.seed).to(self.device)
             self.opt = make_optimizer(self.layer.parameters(), cfg.optim)
         return self.layer
@@ -80,42 +112,53 @@ class Worker:
     def _to(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
 
+    def _check_rows(self, name: str, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.ndim != 2 or x.shape[0] == 0 or (rows is not None and x.shape[0] != rows):
+            raise WireError(f"{name} must be a non-empty float32 (B, D) tensor{f' of {rows} rows' if rows else ''}; "
+                            f"got {x.dtype} {tuple(x.shape)}")
+        return self._to(x)
+
     def on_train(self, msg: Message) -> Message:
         t = msg.tensors
-        x_pos, x_neg = self._to(t["x_pos"]), self._to(t["x_neg"])
-        if x_pos.ndim != 2 or x_pos.shape != x_neg.shape:
-            raise WireError(f"train batch needs x_pos and x_neg of one (B, D) shape, got {tuple(x_pos.shape)} and {tuple(x_neg.shape)}")
+        x_pos = self._check_rows("x_pos", t["x_pos"])
+        b = x_pos.shape[0]
+        x_neg = self._check_rows("x_neg", t["x_neg"], b)
+        if x_neg.shape != x_pos.shape or t["y"].shape != (b,) or t["idx"].shape != (b,):
+            raise WireError(f"train batch of {b} rows needs x_neg {tuple(x_pos.shape)}, y and idx of ({b},)")
         layer = self._ensure_layer(x_pos.shape[1])
         if x_pos.shape[1] != layer.linear.in_features:
             raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
-        if msg.seq <= self.last_seq:  # a batch this layer has learned from already: forward it, never apply it twice
+        batch = msg.scalars.get("batch")
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise WireError(f"train message needs a positive integer 'batch' number, got {batch!r}")
+        scalars = _upstream_scalars(msg.scalars, "train", self.index, ("loss.", "g_pos.", "g_neg."))
+        if batch <= self.last_batch:  # a batch this layer has learned from already: forward it, never apply it twice
             self.replayed += 1
             with torch.no_grad():
                 h = layer(torch.cat([x_pos, x_neg]))
             out = {k: t[k] for k in ("y", "idx")}
-            out.update(x_pos=h[: len(x_pos)], x_neg=h[len(x_pos) :])
+            out.update(x_pos=h[:b], x_neg=h[b:])
             if "x_neu" in t:
-                out.update(self._neutral(layer, t))
-            return Message("train", msg.seq, msg.epoch, dict(msg.scalars), out)
+                out.update(self._neutral(layer, t, b))
+            return Message("train", msg.seq, msg.epoch, scalars, out)
         if msg.epoch != self.epoch:
             self.epoch = msg.epoch
             set_lr(self.opt, self.cfg.optim.lr * ff.lr_factor(msg.epoch, self.cfg.epochs, self.cfg.optim.schedule))
         out = {"y": t["y"], "idx": t["idx"]}
         if "x_neu" in t:  # neutral pass first, with the weights the in-process trainer would use
-            out.update(self._neutral(layer, t))
+            out.update(self._neutral(layer, t, b))
         r = local_update(layer, self.opt, x_pos, x_neg)
         self.applied += 1
-        self.last_seq = msg.seq
+        self.last_batch = batch
         out.update(x_pos=r.h_pos, x_neg=r.h_neg)
-        scalars = dict(msg.scalars)
         scalars.update({f"loss.{self.index}": r.loss.item(), f"g_pos.{self.index}": r.g_pos.item(), f"g_neg.{self.index}": r.g_neg.item()})
         return Message("train", msg.seq, msg.epoch, scalars, out)
 
     @torch.no_grad()
     def on_eval(self, msg: Message) -> Message:
         t = msg.tensors
-        x_all, acc = self._to(t["x_all"]), t["goodness"]
-        if acc.ndim != 2 or x_all.ndim != 2 or x_all.shape[0] != acc.shape[0] * acc.shape[1]:
+        x_all, acc = self._check_rows("x_all", t["x_all"]), t["goodness"]
+        if acc.dtype != torch.float32 or acc.ndim != 2 or x_all.shape[0] != acc.shape[0] * acc.shape[1]:
             raise WireError(f"eval batch needs goodness (B, C) and x_all (B*C, D), got {tuple(acc.shape)} and {tuple(x_all.shape)}")
         b, c = acc.shape
         layer = self._ensure_layer(x_all.shape[1])
@@ -126,16 +169,20 @@ class Worker:
             acc = acc + layer.goodness(h).view(b, c).cpu()
         out = {"x_all": h, "goodness": acc, "y": t["y"]}
         if "x_neu" in t:
-            out.update(self._neutral(layer, t))
-        return Message("eval", msg.seq, msg.epoch, msg.scalars, out)
+            out.update(self._neutral(layer, t, b))
+        return Message("eval", msg.seq, msg.epoch, _upstream_scalars(msg.scalars, "eval", self.index, ()), out)
 
     @torch.no_grad()
-    def _neutral(self, layer: FFLayer, t: dict) -> dict:
+    def _neutral(self, layer: FFLayer, t: dict, rows: int) -> dict:
         """The neutral-label pass, and this layer's normalized activity appended to the readout's features."""
-        h_neu = layer(self._to(t["x_neu"]))
-        feats = self._to(t["feats"])
-        if feats.shape[0] != h_neu.shape[0]:
-            raise WireError(f"feats has {feats.shape[0]} rows for {h_neu.shape[0]} images")
+        x_neu = self._check_rows("x_neu", t["x_neu"], rows)
+        if x_neu.shape[1] != layer.linear.in_features:
+            raise WireError(f"x_neu of width {x_neu.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
+        h_neu = layer(x_neu)
+        feats = t["feats"]
+        if feats.dtype != torch.float32 or feats.ndim != 2 or feats.shape[0] != rows:
+            raise WireError(f"feats must be float32 ({rows}, F); got {feats.dtype} {tuple(feats.shape)}")
+        feats = self._to(feats)
         if self.index >= self.cfg.first_readout:
             feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
         return {"x_neu": h_neu, "feats": feats}
@@ -146,14 +193,14 @@ class Worker:
         checkpoint.save(self.out / f"layer{self.index}.pt", {
             "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.linear.in_features,
             "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
-            "applied": self.applied, "last_seq": self.last_seq, "epoch": self.epoch,
+            "applied": self.applied, "last_batch": self.last_batch, "epoch": self.epoch,
         })
 
     def stats(self) -> dict:
         i = self.index
         return {f"layer{i}.applied": self.applied, f"layer{i}.applied_now": self.applied - self.applied_at_start,
                 f"layer{i}.replayed": self.replayed, f"layer{i}.rejected": sum(self.rejected.values()),
-                f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items()),
+                f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
                 f"layer{i}.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device)}
 
@@ -179,21 +226,19 @@ class Worker:
                         continue
                     waited_ms = 0
                     if msg.kind == "stop":
-                        self.save()
-                        transport.send(outbox, Message("stop", msg.seq, msg.epoch, {**msg.scalars, **self.stats()}), self.timeout_ms)
-                        return
+                        break
                     if msg.kind not in handlers:
                         raise WireError(f"a layer does not take {msg.kind!r} messages")
                     t0 = time.perf_counter()
                     reply = handlers[msg.kind](msg)
                     self.busy_s += time.perf_counter() - t0
                 except (WireError, KeyError) as e:  # a bad message: count it, say so once per reason, keep serving
-                    reason = f"{type(e).__name__}: {e}"[:120]
-                    if reason not in self.rejected:
-                        print(f"ffpipe layer {self.index}: rejected a message: {reason}", flush=True)
-                    self.rejected[reason] += 1
+                    self._reject(f"{type(e).__name__}: {e}"[:120])
                     continue
                 transport.send(outbox, reply, self.timeout_ms)
+            self.save()
+            scalars = {k: v for k, v in msg.scalars.items() if k.startswith("source.") or _earlier_layer_key(k, self.index)}
+            transport.send(outbox, Message("stop", msg.seq, msg.epoch, {**scalars, **self.stats()}), self.timeout_ms)
         finally:
             inbox.close()
             outbox.close()

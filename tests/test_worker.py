@@ -1,0 +1,91 @@
+"""A layer worker on real sockets: valid batches are applied and forwarded, malformed ones counted, never fatal."""
+
+import threading
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from ffpipe import checkpoint, config, ff, transport
+from ffpipe.layer import local_update, make_layer, make_optimizer
+from ffpipe.topology import Topology
+from ffpipe.wire import Message
+
+
+@pytest.fixture
+def worker_link(tmp_path):
+    """Layer 0 of a two-layer net served by a Worker thread; yields (cfg, push into it, pull from it)."""
+    from ffpipe.worker import Worker
+
+    cfg = config.preset("quick", layers=(16, 8), epochs=1, negatives="random", out=str(tmp_path))
+    topo = Topology.local(2)
+    worker = Worker(cfg, 0, topo, tmp_path, peer_timeout_s=20)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    ctx = zmq.Context()
+    downstream = transport.pull(ctx, topo.layers[1].bind_url("127.0.0.1"))
+    thread.start()
+    upstream = transport.push(ctx, topo.layers[0].connect_url(), linger_ms=0)
+    yield cfg, worker, upstream, downstream
+    worker.stopping = True
+    thread.join(timeout=10)
+    upstream.close()
+    downstream.close()
+    ctx.term()
+
+
+def _train(batch: int, x_pos, x_neg) -> Message:
+    b = len(x_pos)
+    return Message("train", batch, 0, {"total": 3, "classes": 10, "batch": batch},
+                   {"x_pos": x_pos, "x_neg": x_neg, "y": torch.zeros(b, dtype=torch.long), "idx": torch.arange(b)})
+
+
+def _garbage(sock, frames):
+    sock.send_multipart(frames)
+
+
+@pytest.mark.timeout(60)
+def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_link, tmp_path):
+    cfg, worker, up, down = worker_link
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 20, generator=gen), torch.randn(5, 20, generator=gen)) for _ in range(3)]
+    head = {"v": 1, "kind": "train", "seq": 0, "epoch": 0, "scalars": {}, "tensors": [["x_pos", "float32", [5, 20]]]}
+    bad = [
+        [b"\x00garbage"],                                                             # not msgpack
+        [msgpack.packb({**head, "v": 9}), bytes(400)],                                # wrong version
+        [msgpack.packb({**head, "kind": "exec"}), bytes(400)],                        # unknown kind
+        [msgpack.packb(head), bytes(10)],                                             # frame too short
+        [msgpack.packb({**head, "tensors": [["x_pos", [], [1]]]}), b""],              # dtype not a string
+        [msgpack.packb({**head, "tensors": [["x_pos", "float32", [0, 2**62]]]}), b""],  # absurd shape
+    ]
+    transport.send(up, _train(1, *batches[0]), 5000)
+    for frames in bad:
+        _garbage(up, frames)
+    transport.send(up, _train(2, torch.randn(5, 20).double(), torch.randn(5, 20).double()), 5000)  # wrong dtype
+    transport.send(up, _train(3, torch.randn(5, 21), torch.randn(5, 21)), 5000)  # wrong width
+    nan = batches[1][0].clone()
+    nan[0, 0] = float("nan")
+    transport.send(up, _train(4, nan, batches[1][1]), 5000)  # NaN
+    transport.send(up, _train(2, *batches[1]), 5000)
+    transport.send(up, _train(2, *batches[1]), 5000)  # the same batch again: forwarded, not applied twice
+    transport.send(up, _train(3, *batches[2]), 5000)
+    transport.send(up, Message("stop", 9, 0, {"source.sent_train": 3}), 5000)
+
+    outputs = [transport.recv(down, 10_000) for _ in range(5)]
+    assert [m.kind for m in outputs] == ["train"] * 4 + ["stop"]
+    assert [m.scalars["batch"] for m in outputs[:4]] == [1, 2, 2, 3]
+    stop = outputs[-1].scalars
+    assert stop["layer0.applied"] == 3 and stop["layer0.replayed"] == 1
+    assert stop["layer0.rejected"] == len(bad) + 3
+    assert stop["source.sent_train"] == 3
+
+    # the layer applied exactly batches 1, 2, 3 once each, as local_update would in one process
+    reference = make_layer(0, 20, 16, cfg.layer, cfg.seed)
+    opt = make_optimizer(reference.parameters(), cfg.optim)
+    opt.param_groups[0]["lr"] = cfg.optim.lr * ff.lr_factor(0, cfg.epochs, cfg.optim.schedule)
+    for x_pos, x_neg in batches:
+        local_update(reference, opt, x_pos, x_neg)
+    saved = checkpoint.load(tmp_path / "layer0.pt")
+    assert saved["applied"] == 3 and saved["last_batch"] == 3
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(saved["layer"][key], value)
