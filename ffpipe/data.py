@@ -138,7 +138,7 @@ def _torchvision_download(tv_name: str, data_dir: Path) -> None:
         for train in (True, False):
             cls(root=str(data_dir), train=train, download=True)
     except Exception as e:  # noqa: BLE001 - any download failure means "not available"; reported by the caller
-        _note(f"ffpipe: could not download {tv_name} into {data_dir}: {type(e).__name__}: {e}")
+        _note(f"ffpipe: could not download {tv_name} into {data_dir}: {type(e).__name__}: {str(e).splitlines()[0]}")
     finally:
         socket.setdefaulttimeout(old)
 
@@ -246,7 +246,7 @@ def _load_cifar10(data_dir: Path, download: bool) -> Data:
         try:
             return official(True)
         except Exception as e:  # noqa: BLE001
-            _note(f"ffpipe: could not download CIFAR-10 into {data_dir}: {type(e).__name__}: {e}")
+            _note(f"ffpipe: could not download CIFAR-10 into {data_dir}: {type(e).__name__}: {str(e).splitlines()[0]}")
         finally:
             socket.setdefaulttimeout(old)
     raise DataError(

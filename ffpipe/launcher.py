@@ -114,6 +114,13 @@ class Launcher:
                 for path in self.out.glob(pattern):
                     path.unlink()
         topo = Topology.local(len(cfg.layers))
+        d = self.data
+        eval_split = d.val if d.val is not None else d.test
+        print(f"ffpipe: pipeline {cfg.preset} run on {d.name} ({len(d.train):,} train, {len(eval_split):,} "
+              f"{'val' if d.val is not None else 'test'}) from {d.source}; layers {list(cfg.layers)}, batch {cfg.batch_size}, "
+              f"{cfg.epochs} epochs; source + {len(cfg.layers)} layer processes ({', '.join(self.devices)}, {self.threads} "
+              f"thread{'s' if self.threads > 1 else ''} each) + sink; run folder {self.out}"
+              + ("; resuming" if self.resume else ""), file=sys.stderr, flush=True)
         (self.out / "config.json").write_text(cfg.to_json())
         flags = ["--config", str(self.out / "config.json"), "--out", str(self.out), *topo.as_flags()]
         if self.resume:
