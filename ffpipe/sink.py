@@ -257,6 +257,8 @@ class Sink:
             "accounting": accounting,
             "peak_rss_mb": peak,
             "busy_s": {f"layer{i}": s.get(f"layer{i}.busy_s") for i in layers},
+            "cpu_s": {"source": s.get("source.cpu_s"), **{f"layer{i}": s.get(f"layer{i}.cpu_s") for i in layers},
+                      "sink": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)},
             "devices": {f"layer{i}": s.get(f"layer{i}.device") for i in layers},
             "threads": cfg.threads or 1,
             "history": self.history,

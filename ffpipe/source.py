@@ -149,7 +149,8 @@ class Source:
                             break
                         self._send(out, msg)
             stats = {"source.sent_train": self.sent["train"], "source.sent_eval": self.sent["eval"],
-                     "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping}
+                     "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping,
+                     "source.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
             self._send(out, Message("stop", 0, 0, stats))
         finally:
             out.close()  # lingers until the stop message is delivered (or the peer timeout passes)

@@ -202,7 +202,8 @@ class Worker:
                 f"layer{i}.replayed": self.replayed, f"layer{i}.rejected": sum(self.rejected.values()),
                 f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
                 f"layer{i}.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device)}
+                f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device),
+                f"layer{i}.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
 
     # ---- the loop
 

@@ -7,6 +7,7 @@ from ffpipe import config, data, inprocess
 
 @pytest.mark.realdata
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_small_net_learns_real_mnist(shared_data, tmp_path):
     mnist = data.load("mnist", shared_data, download=False)
     assert len(mnist.train) == 60_000 and len(mnist.test) == 10_000

@@ -1,0 +1,42 @@
+"""Accuracy against training time (or epoch) from run folders' summary.json: one PNG.
+
+    python scripts/plot_history.py results/mnist-hinton results/fashion-hinton --out results/accuracy.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--x", choices=("epoch", "time"), default="epoch")
+    p.add_argument("--out", type=Path, default=Path("accuracy.png"))
+    a = p.parse_args()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run in a.runs:
+        s = json.loads((run / "summary.json").read_text())
+        h = s["history"]
+        xs = [r["epoch"] if a.x == "epoch" else r.get("train_s", r["wall_s"]) / 60 for r in h]
+        label = f"{s['dataset']} {s['preset']} {s['mode']} ({','.join(map(str, s['layers']))})"
+        ax.plot(xs, [100 * r["accuracy"] for r in h], marker=".", label=label)
+    ax.set_xlabel("epoch" if a.x == "epoch" else "training minutes")
+    ax.set_ylabel(f"{h[-1].get('split', 'test')} accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.out, dpi=110)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
