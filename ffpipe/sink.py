@@ -182,7 +182,7 @@ class Sink:
         beliefs = transport.push(ctx, self.topo.source.connect_url(), hwm=64, linger_ms=0) if cfg.negatives == "hard" else None
         self.t0 = time.perf_counter()
         stop: Message | None = None
-        waited = 0
+        idle = transport.IdleClock("sink", self.timeout_ms)
         total = None
         progress = RunProgress(1, enabled=self.show_progress)
         try:
@@ -194,11 +194,9 @@ class Sink:
                         self._reject(str(e)[:120])
                         continue
                     if msg is None:
-                        waited += POLL_MS
-                        if waited >= self.timeout_ms:
-                            raise transport.PeerTimeout(f"sink: nothing received for {waited / 1000:g}s")
+                        idle.tick(POLL_MS)
                         continue
-                    waited = 0
+                    idle.reset()
                     try:
                         if msg.kind == "train":
                             if total is None and isinstance(msg.scalars.get("total"), int):

@@ -48,6 +48,21 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
+class IdleClock:
+    """Adds up consecutive empty polls of a role's inbox; past `limit_ms` the peer counts as gone."""
+
+    def __init__(self, who: str, limit_ms: int):
+        self.who, self.limit_ms, self.waited_ms = who, limit_ms, 0
+
+    def tick(self, ms: int) -> None:
+        self.waited_ms += ms
+        if self.waited_ms >= self.limit_ms:
+            raise PeerTimeout(f"{self.who}: nothing received for {self.waited_ms / 1000:g}s")
+
+    def reset(self) -> None:
+        self.waited_ms = 0
+
+
 def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, hwm)

@@ -212,7 +212,7 @@ class Worker:
         inbox = transport.pull(ctx, self.topo.layers[self.index].bind_url(self.topo.bind_host))
         outbox = transport.push(ctx, self.topo.downstream(self.index).connect_url(), linger_ms=self.timeout_ms)
         handlers = {"train": self.on_train, "eval": self.on_eval}
-        waited_ms = 0
+        idle = transport.IdleClock(f"layer {self.index}", self.timeout_ms)
         try:
             while True:
                 if self.stopping:  # SIGTERM to this worker alone: keep what it learned, leave without forwarding
@@ -221,11 +221,9 @@ class Worker:
                 try:
                     msg = transport.recv(inbox, POLL_MS)
                     if msg is None:
-                        waited_ms += POLL_MS
-                        if waited_ms >= self.timeout_ms:
-                            raise transport.PeerTimeout(f"layer {self.index}: nothing received for {waited_ms / 1000:g}s")
+                        idle.tick(POLL_MS)
                         continue
-                    waited_ms = 0
+                    idle.reset()
                     if msg.kind == "stop":
                         break
                     if msg.kind not in handlers:

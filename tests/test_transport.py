@@ -1,0 +1,62 @@
+"""Socket helpers: endpoints, round trips over loopback, timeouts instead of hangs."""
+
+import pytest
+import torch
+import zmq
+
+from ffpipe import transport
+from ffpipe.topology import Topology
+from ffpipe.wire import Message, WireError
+
+
+def test_endpoint_parsing():
+    e = transport.Endpoint.parse("tcp://layer-1:5551")
+    assert (e.host, e.port) == ("layer-1", 5551) and e.connect_url() == "tcp://layer-1:5551"
+    assert e.bind_url("0.0.0.0") == "tcp://0.0.0.0:5551"
+    for bad in ("nohost", ":5551", "host:0", "host:99999", "host:port"):
+        with pytest.raises(ValueError, match="host:port"):
+            transport.Endpoint.parse(bad)
+
+
+def test_topology_local_gives_distinct_loopback_ports_and_downstream():
+    topo = Topology.local(3)
+    ports = {topo.source.port, topo.sink.port, *(e.port for e in topo.layers)}
+    assert len(ports) == 5 and all(e.host == "127.0.0.1" for e in topo.layers)
+    assert topo.downstream(0) == topo.layers[1] and topo.downstream(2) == topo.sink
+    assert Topology.parse(*[a for a in topo.as_flags()[1::2]]) == topo
+
+
+@pytest.mark.timeout(30)
+def test_round_trip_timeouts_and_backpressure():
+    ctx = zmq.Context()
+    topo = Topology.local(1)
+    inbox = transport.pull(ctx, topo.layers[0].bind_url("127.0.0.1"))
+    out = transport.push(ctx, topo.layers[0].connect_url(), linger_ms=0)
+    try:
+        assert transport.recv(inbox, 50) is None  # nothing there: None, not a hang
+        transport.send(out, Message("train", 1, 0, {"batch": 1}, {"x": torch.ones(2, 3)}), 2000)
+        got = transport.recv(inbox, 2000)
+        assert got.scalars == {"batch": 1} and torch.equal(got.tensors["x"], torch.ones(2, 3))
+        # nobody reads: the sender's queue fills and send times out instead of blocking forever
+        with pytest.raises(transport.PeerTimeout):
+            for _ in range(10_000):
+                transport.send(out, Message("train", tensors={"x": torch.zeros(64, 1024)}), 100)
+        out2 = transport.push(ctx, topo.layers[0].connect_url(), linger_ms=0)
+        out2.send_multipart([b"garbage"])
+        with pytest.raises(WireError):
+            for _ in range(100):  # drain the queued good messages; the garbage one raises
+                assert transport.recv(inbox, 2000) is not None
+        out2.close()
+    finally:
+        inbox.close()
+        out.close()
+        ctx.term()
+
+
+def test_idle_clock_raises_past_its_limit():
+    clock = transport.IdleClock("layer 3", 1000)
+    clock.tick(600)
+    clock.reset()
+    clock.tick(900)
+    with pytest.raises(transport.PeerTimeout, match="layer 3: nothing received for 1.2s"):
+        clock.tick(300)
