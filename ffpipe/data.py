@@ -341,6 +341,14 @@ def hold_out(data: Data, val_size: int) -> Data:
     return Data(data.name, Split(tr.x[:n], tr.y[:n]), data.test, Split(tr.x[n:], tr.y[n:]), data.classes, data.source)
 
 
+def input_stats(data: Data, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (mean, std) inputs are standardized with: the training set's, or (0, 1) when off."""
+    if standardize:
+        return channel_stats(data.train.x)
+    c = data.shape[0]
+    return torch.zeros(c), torch.ones(c)
+
+
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of uint8 images scaled to [0, 1]. (N, C, H, W) -> (C,), (C,)"""
     xf = x.float().div_(255)

@@ -16,13 +16,12 @@ import torch
 
 from ffpipe import checkpoint, ff
 from ffpipe.config import RunConfig
-from ffpipe.data import Data, batch_indices, channel_stats
+from ffpipe.data import Data, batch_indices, input_stats
 from ffpipe.layer import local_update, make_optimizer, set_lr
-from ffpipe.metrics import MetricsWriter, write_json
+from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import FFNet, evaluate, readout_step
 from ffpipe.progress import RunProgress
 
-TARGETS = (0.93, 0.98)  # accuracies whose time-to-reach the summary records
 
 
 def set_threads(threads: int) -> int:
@@ -34,10 +33,9 @@ def set_threads(threads: int) -> int:
 def build(cfg: RunConfig, data: Data) -> FFNet:
     torch.manual_seed(cfg.seed)
     net = FFNet(data.shape, data.num_classes, cfg)
-    if cfg.standardize:
-        mean, std = channel_stats(data.train.x)
-        net.input_mean.copy_(mean)
-        net.input_std.copy_(std)
+    mean, std = input_stats(data, cfg.standardize)
+    net.input_mean.copy_(mean)
+    net.input_std.copy_(std)
     return net.to(cfg.device)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ffpipe import checkpoint
 from ffpipe.config import RunConfig
-from ffpipe.data import Data, channel_stats
+from ffpipe.data import Data, input_stats
 from ffpipe.metrics import write_json
 from ffpipe.topology import Topology
 
@@ -197,8 +197,7 @@ class Launcher:
         width = sum(cfg.layers[cfg.first_readout :])
         use_readout = cfg.uses_readout and readout.is_file()
         state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if use_readout else torch.zeros(self.data.num_classes, width)
-        c = self.data.shape[0]
-        mean, std = channel_stats(self.data.train.x) if cfg.standardize else (torch.zeros(c), torch.ones(c))
+        mean, std = input_stats(self.data, cfg.standardize)
         state.update(input_mean=mean, input_std=std)
         checkpoint.save(self.out / checkpoint.FILENAME, {
             "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,

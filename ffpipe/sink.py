@@ -23,9 +23,8 @@ from torch import nn
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.inprocess import TARGETS
 from ffpipe.layer import make_optimizer, set_lr
-from ffpipe.metrics import MetricsWriter, write_json
+from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.progress import RunProgress
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError

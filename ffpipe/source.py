@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.data import Data, batch_indices, channel_stats
+from ffpipe.data import Data, batch_indices, input_stats
 from ffpipe.model import label_value, prepare_inputs
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
@@ -42,7 +42,7 @@ class Source:
         self.cfg, self.data, self.topo = cfg, data, topo
         self.timeout_ms = int(peer_timeout_s * 1000)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.mean, self.std = channel_stats(data.train.x) if cfg.standardize else (torch.zeros(data.shape[0]), torch.ones(data.shape[0]))
+        self.mean, self.std = input_stats(data, cfg.standardize)
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
         self.stopping = False
         self.seq = 0
