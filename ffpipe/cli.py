@@ -60,6 +60,8 @@ def run(
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets (default ./data).", envvar="FFPIPE_DATA_DIR", rich_help_panel=_PANEL_DATA)] = None,
     download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing datasets with torchvision.", rich_help_panel=_PANEL_DATA)] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Hold out this many training images for validation (evaluated instead of test during training).", rich_help_panel=_PANEL_DATA)] = None,
+    shift: Annotated[Optional[int], typer.Option(help="Augmentation: translate training images by up to N pixels (0 = off).", rich_help_panel=_PANEL_DATA)] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Augmentation: mirror training images left-right at random (CIFAR-10, FER2013).", rich_help_panel=_PANEL_DATA)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, e.g. 1000,1000,1000.", rich_help_panel=_PANEL_MODEL)] = None,
     norm: Annotated[Optional[str], typer.Option(help="Input normalization of every layer: rms or l2.", rich_help_panel=_PANEL_MODEL)] = None,
     goodness: Annotated[Optional[str], typer.Option(help="Goodness: sum or mean of squared activities.", rich_help_panel=_PANEL_MODEL)] = None,
@@ -98,7 +100,7 @@ def run(
 
     flags = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
-        layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+        shift=shift, flip=flip, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
         predict=predict, skip_first=skip_first, eval_every=eval_every, seed=seed, device=device, threads=threads,
         out=str(out) if out else None,
     )

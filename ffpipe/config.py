@@ -80,6 +80,8 @@ class RunConfig:
     val_size: int = 0  # images held out from the end of the training set; 0 = evaluate on the test set
     standardize: bool = False  # subtract the dataset mean and divide by its std (the popular example does)
     label_value: float | None = 1.0  # value written into the one-hot label slot; None = the batch's max pixel
+    shift: int = 0  # augmentation: translate each training image by up to this many pixels (0 = off)
+    flip: bool = False  # augmentation: mirror training images left-right at random (not for digits)
     # model
     layers: tuple[int, ...] = (1000, 1000, 1000)
     layer: LayerConfig = field(default_factory=LayerConfig)
@@ -115,6 +117,7 @@ class RunConfig:
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("val_size", self.val_size, allow_zero=True)
+        _positive("shift", self.shift, allow_zero=True)
         _positive("threads", self.threads, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)
         _positive("log_every", self.log_every)

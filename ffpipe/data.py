@@ -362,3 +362,23 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> list[torch.T
     same batches in the same order."""
     perm = torch.randperm(n, generator=gen)
     return list(perm.split(batch_size))
+
+
+def augment(images: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random training-time augmentation of a uint8 batch, vectorized: each image is translated by up to
+    `shift` pixels in each direction (zero fill) and, with `flip`, mirrored left-right with probability 1/2.
+
+    Draws from `gen` only when an augmentation is on, so runs without one keep their random stream."""
+    if not shift and not flip:
+        return images
+    b, _, h, w = images.shape
+    if shift:
+        padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
+        dy, dx = torch.randint(0, 2 * shift + 1, (2, b), generator=gen)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+        images = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+    if flip:
+        mirror = torch.rand(b, generator=gen) < 0.5
+        images = torch.where(mirror[:, None, None, None], images.flip(3), images)
+    return images.contiguous()

@@ -16,7 +16,7 @@ import torch
 
 from ffpipe import checkpoint, ff
 from ffpipe.config import RunConfig
-from ffpipe.data import Data, batch_indices, input_stats
+from ffpipe.data import Data, augment, batch_indices, input_stats
 from ffpipe.layer import local_update, make_optimizer, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import FFNet, evaluate, readout_step
@@ -140,7 +140,8 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
                 set_lr_all(opts, ro_opt, cfg, epoch)
                 t0 = time.perf_counter()
                 for b, idx in enumerate(batch_indices(n_train, bs, gen)):
-                    results = train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen, only_layer=phase)
+                    images = augment(data.train.x[idx], cfg.shift, cfg.flip, gen)
+                    results = train_step(net, opts, ro_opt, images, data.train.y[idx], gen, only_layer=phase)
                     batches_done += 1
                     samples_done += len(idx)
                     if batches_done % cfg.log_every == 0 or b == batches_per_epoch - 1:

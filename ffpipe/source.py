@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.data import Data, batch_indices, input_stats
+from ffpipe.data import Data, augment, batch_indices, input_stats
 from ffpipe.model import label_value, prepare_inputs
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
@@ -52,6 +52,9 @@ class Source:
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         return prepare_inputs(images, self.mean, self.std, self.cfg.standardize)
 
+    def _augmented(self, idx: torch.Tensor) -> torch.Tensor:
+        return augment(self.data.train.x[idx], self.cfg.shift, self.cfg.flip, self.gen)
+
     def _negatives(self, idx: torch.Tensor) -> torch.Tensor:
         labels = self.data.train.y[idx]
         if self.cfg.negatives == "hard":
@@ -61,7 +64,7 @@ class Source:
     def train_message(self, epoch: int, idx: torch.Tensor, total: int, batch: int) -> Message:
         cfg, c = self.cfg, self.data.num_classes
         labels = self.data.train.y[idx]
-        x = self._inputs(self.data.train.x[idx])
+        x = self._inputs(self._augmented(idx))
         value = label_value(x, cfg.label_value)
         neg = self._negatives(idx)
         tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, neg, c, value), "y": labels, "idx": idx}
@@ -133,6 +136,7 @@ class Source:
                         break
                     drawn += 1
                     if drawn <= self.skip:  # same draws from the generator, same seq numbers, nothing sent
+                        self._augmented(idx)
                         self._negatives(idx)
                         self.seq += 1
                         continue

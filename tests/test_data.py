@@ -176,3 +176,21 @@ def test_read_idx_gzip_roundtrip(tmp_path):
     path = write_idx(tmp_path / "x-idx3-ubyte", arr, compress=True)
     assert gzip.open(path).read(4) == b"\x00\x00\x08\x03"
     assert torch.equal(data.read_idx(path), torch.from_numpy(arr.astype(np.uint8)))
+
+
+def test_augment_shifts_and_flips_each_image_on_its_own():
+    x = torch.randint(1, 256, (64, 3, 8, 8), dtype=torch.uint8)  # no zeros, so padding is visible
+    gen = torch.Generator().manual_seed(0)
+    assert data.augment(x, 0, False, gen) is x and torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())
+    y = data.augment(x, 2, False, gen)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    seen = set()
+    for a, b in zip(x, y):  # each output is its input translated by some (dy, dx) in [-2, 2], zero-filled
+        match = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(b, torch.roll(torch.nn.functional.pad(a, (2, 2, 2, 2)), (dy, dx), (1, 2))[:, 2:-2, 2:-2])]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) > 5  # offsets differ between images
+    f = data.augment(x, 0, True, gen)
+    mirrored = [torch.equal(b, a.flip(2)) for a, b in zip(x, f)]
+    assert all(m or torch.equal(b, a) for m, a, b in zip(mirrored, x, f)) and 10 < sum(mirrored) < 54
