@@ -56,10 +56,11 @@ def main(
 @app.command()
 def run(
     preset: Annotated[str, typer.Option(help="Named recipe: quick, hinton or seed (`ffpipe presets` lists them).", envvar="FFPIPE_PRESET", rich_help_panel=_PANEL_TRAIN)] = "quick",
-    dataset: Annotated[Optional[str], typer.Option(help="auto, mnist, fashion-mnist, cifar10, fer2013 or digits. auto: MNIST if found or downloadable, else scikit-learn's 8x8 digits.", envvar="FFPIPE_DATASET", rich_help_panel=_PANEL_DATA)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="auto, mnist, fashion-mnist, cifar10, fer2013, digits or synthetic (generated, no files). auto: MNIST if found or downloadable, else scikit-learn's 8x8 digits.", envvar="FFPIPE_DATASET", rich_help_panel=_PANEL_DATA)] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets (default ./data).", envvar="FFPIPE_DATA_DIR", rich_help_panel=_PANEL_DATA)] = None,
     download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing datasets with torchvision.", rich_help_panel=_PANEL_DATA)] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Hold out this many training images for validation (evaluated instead of test during training).", rich_help_panel=_PANEL_DATA)] = None,
+    train_size: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (0 = all); for quick experiments and benchmarks.", rich_help_panel=_PANEL_DATA)] = None,
     shift: Annotated[Optional[int], typer.Option(help="Augmentation: translate training images by up to N pixels (0 = off).", rich_help_panel=_PANEL_DATA)] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Augmentation: mirror training images left-right at random (CIFAR-10, FER2013).", rich_help_panel=_PANEL_DATA)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, e.g. 1000,1000,1000.", rich_help_panel=_PANEL_MODEL)] = None,
@@ -90,6 +91,7 @@ def run(
     source_addr: Annotated[str, typer.Option(help="host:port where the source receives beliefs.", envvar="FFPIPE_SOURCE_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5550",
     layer_addrs: Annotated[Optional[str], typer.Option(help="host:port where each layer receives, comma-separated (default 127.0.0.1:5551, :5552, ...).", envvar="FFPIPE_LAYER_ADDRS", rich_help_panel=_PANEL_PIPE)] = None,
     sink_addr: Annotated[str, typer.Option(help="host:port where the sink receives.", envvar="FFPIPE_SINK_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5549",
+    pin: Annotated[bool, typer.Option("--pin", help="Pin layer i to core i mod n (source with layer 0, sink with the last layer); Linux.", rich_help_panel=_PANEL_PIPE)] = False,
     bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder (its config; flags such as --epochs still override).", rich_help_panel=_PANEL_RUN)] = None,
     resume_role: Annotated[bool, typer.Option("--resume-role", hidden=True, help="Set by the launcher: this role continues from its checkpoint.")] = False,
@@ -100,7 +102,7 @@ def run(
 
     flags = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
-        shift=shift, flip=flip, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+        train_size=train_size, shift=shift, flip=flip, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
         predict=predict, skip_first=skip_first, eval_every=eval_every, seed=seed, device=device, threads=threads,
         out=str(out) if out else None,
     )
@@ -130,7 +132,7 @@ def run(
             cfg = config.override_nested(config.preset(preset, **{**flags, "dataset": data.name}), **nested)
         elif data.name != cfg.dataset:
             cfg = config.apply(cfg, dataset=data.name)
-        data = datasets.hold_out(data, cfg.val_size)
+        data = datasets.hold_out(data, cfg.val_size, cfg.train_size)
         if inprocess:
             from ffpipe import checkpoint
 
@@ -147,7 +149,7 @@ def run(
         else:
             from ffpipe.launcher import launch
 
-            launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None)
+            launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None, pin=pin)
     except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError) as e:
         raise _fail(str(e)) from None
     except OSError as e:
@@ -183,7 +185,7 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
     if role == "source":
         from ffpipe.source import run_source
 
-        data = datasets.hold_out(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download), cfg.val_size)
+        data = datasets.hold_out(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download), cfg.val_size, cfg.train_size)
         run_source(cfg, data, topo, resume=resume)
     elif role == "layer":
         from ffpipe.worker import run_worker
@@ -262,3 +264,92 @@ def presets() -> None:
                       f"{c.optim.name} lr {c.optim.lr:g} {c.optim.schedule}",
                       f"{c.layer.norm} norm, {c.layer.goodness} goodness, threshold {c.layer.threshold:g}, {c.layer.loss}, peer {c.layer.peer_norm:g}")
     Console().print(table)
+
+
+def _parse_list(text: str | None, kind, name: str) -> tuple:
+    if not text:
+        return ()
+    try:
+        return tuple(kind(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise typer.BadParameter(f"{name}: expected a comma-separated list of numbers; got {text!r}") from None
+
+
+@app.command()
+def bench(
+    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, cifar10, fer2013, digits or synthetic.")] = "mnist",
+    data_dir: Annotated[Path, typer.Option(help="Folder holding the datasets.", envvar="FFPIPE_DATA_DIR")] = Path("data"),
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Generated 28x28 images instead of --dataset: measures compute, not data loading.")] = False,
+    layers: Annotated[str, typer.Option(help="Hidden layer widths; one pipeline stage per layer.")] = "1000,1000",
+    batch_size: Annotated[int, typer.Option(help="Images per mini-batch (per micro-batch for bp-gpipe/bp-1f1b).")] = 256,
+    variants: Annotated[str, typer.Option(help="Comma-separated: ff-inprocess, ff-pipeline, bp-inprocess, bp-gpipe, bp-1f1b.")] = ",".join(("ff-inprocess", "ff-pipeline", "bp-inprocess", "bp-gpipe", "bp-1f1b")),
+    devices: Annotated[str, typer.Option(help="cpu or cuda (stages on GPU i mod n; NCCL for the backprop pipelines).", envvar="FFPIPE_DEVICES")] = "cpu",
+    threads: Annotated[int, typer.Option(help="Torch threads in every process (pinned and stated).")] = 1,
+    steps: Annotated[int, typer.Option(help="Mini-batches per throughput run (optimizer steps for bp-gpipe/bp-1f1b); the first 10% are warm-up.")] = 200,
+    microbatches: Annotated[int, typer.Option("--microbatches", "-m", help="m, micro-batches per step of bp-gpipe and bp-1f1b.")] = 4,
+    stages: Annotated[Optional[str], typer.Option(help="Also run every variant at these depths, e.g. 1,2,4 (the speedup curve).")] = None,
+    in_flight: Annotated[Optional[str], typer.Option(help="Memory sweep, e.g. 1,4,16: ff-pipeline queue depth and bp-gpipe micro-batches; plus a 4x longer pipeline run.")] = None,
+    to_accuracy: Annotated[Optional[str], typer.Option(help="Also time each variant to these test accuracies on the real data, e.g. 0.93,0.98.")] = None,
+    max_epochs: Annotated[int, typer.Option(help="With --to-accuracy: epochs at most (FF runs the hinton recipe over this many).")] = 30,
+    negatives: Annotated[str, typer.Option(help="FF negatives in the throughput runs: random (pure FF work) or hard.")] = "random",
+    seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
+    pin: Annotated[bool, typer.Option("--pin", help="ff-pipeline: pin layer i to core i mod n, as ffpipe run --pin.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds one run may take before it is killed and reported as failed.")] = 900.0,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md, the PNG plots and each run's log.")] = Path("bench"),
+) -> None:
+    """Throughput, memory and time-to-accuracy of FF (in-process, pipelined) against backprop (in-process, GPipe, 1F1B)."""
+    import sys
+
+    from ffpipe import data as datasets
+    from ffpipe.bench import BenchOptions, bench as run_bench
+
+    try:
+        opts = BenchOptions(
+            dataset="synthetic" if synthetic else dataset, data_dir=str(data_dir), layers=_parse_layers(layers),
+            batch_size=batch_size, variants=tuple(v.strip() for v in variants.split(",") if v.strip()), devices=devices,
+            threads=threads, steps=steps, microbatches=microbatches, stages=_parse_list(stages, int, "--stages"),
+            in_flight=_parse_list(in_flight, int, "--in-flight"), to_accuracy=_parse_list(to_accuracy, float, "--to-accuracy"),
+            max_epochs=max_epochs, negatives=negatives, seed=seed, timeout_s=timeout, pin=pin, out=str(out),
+        )
+        if opts.devices.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--devices cuda: no CUDA device is visible")
+        elif opts.devices != "cpu":
+            raise ValueError(f"--devices must be cpu or cuda; got {devices!r}")
+        if opts.dataset not in ("synthetic", "digits"):
+            datasets.load(opts.dataset, data_dir, download=False)  # one clear error before any run starts
+        result = run_bench(opts, command="ffpipe " + " ".join(sys.argv[1:]), echo=lambda s: err.print(s, highlight=False))
+    except (ValueError, DataError) as e:
+        raise _fail(str(e)) from None
+    if not all(r["ok"] for r in result["records"]):
+        failed = [r for r in result["records"] if not r["ok"]]
+        err.print(f"[yellow]ffpipe bench: {len(failed)} of {len(result['records'])} runs failed; see {out}/bench.md[/yellow]", highlight=False)
+        raise typer.Exit(2)
+
+
+@app.command()
+def compose(
+    layers: Annotated[int, typer.Option(help="Number of layer services, one container per layer (not widths: see --width).")],
+    width: Annotated[int, typer.Option(help="Units in every layer.")] = 500,
+    gpus: Annotated[Optional[str], typer.Option(help="GPU ids, e.g. 0,1,2,3: layer i reserves GPU i mod n and runs the CUDA image.")] = None,
+    preset: Annotated[str, typer.Option(help="Named recipe every service trains with.")] = "quick",
+    dataset: Annotated[str, typer.Option(help="Dataset, read from ./data (mounted read-only at /data).")] = "mnist",
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs unless FFPIPE_EPOCHS is set at `docker compose up` (default: the preset's).")] = None,
+    out: Annotated[str, typer.Option(help="File to write, or - for stdout.")] = "docker-compose.yml",
+) -> None:
+    """Write a Docker Compose file: a source, one service per layer and a sink, finding each other by service name."""
+    from ffpipe.compose import compose_file, dump
+
+    try:
+        text = dump(compose_file(layers, gpus=gpus.split(",") if gpus is not None else None, preset=preset,
+                                 dataset=dataset, width=width, epochs=epochs))
+        if out == "-":
+            typer.echo(text, nl=False)
+        else:
+            Path(out).write_text(text)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(f"{out}: {e.strerror}") from None

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-DATASETS = ("auto", "mnist", "fashion-mnist", "cifar10", "fer2013", "digits")
+DATASETS = ("auto", "mnist", "fashion-mnist", "cifar10", "fer2013", "digits", "synthetic")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -78,6 +78,7 @@ class RunConfig:
     data_dir: str = "data"
     download: bool = True  # try torchvision's download when files are missing
     val_size: int = 0  # images held out from the end of the training set; 0 = evaluate on the test set
+    train_size: int = 0  # train on only the first N training images (after the hold-out); 0 = all
     standardize: bool = False  # subtract the dataset mean and divide by its std (the popular example does)
     label_value: float | None = 1.0  # value written into the one-hot label slot; None = the batch's max pixel
     shift: int = 0  # augmentation: translate each training image by up to this many pixels (0 = off)
@@ -117,6 +118,7 @@ class RunConfig:
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("val_size", self.val_size, allow_zero=True)
+        _positive("train_size", self.train_size, allow_zero=True)
         _positive("shift", self.shift, allow_zero=True)
         _positive("threads", self.threads, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)

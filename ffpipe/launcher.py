@@ -84,8 +84,9 @@ def die_with_launcher() -> None:
 
 class Launcher:
     def __init__(self, cfg: RunConfig, data: Data, devices: list[str], threads: int, show_progress: bool = True,
-                 resume: bool = False):
+                 resume: bool = False, pin: bool = False):
         self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads
+        self.cores = pin_plan(len(cfg.layers)) if pin else {}
         self.out = Path(cfg.out)
         self.show_progress = show_progress
         self.children: list[Child] = []
@@ -102,6 +103,12 @@ class Launcher:
             cmd += ["--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1", "FFPIPE_LAUNCHER_PID": str(os.getpid())}
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        cores = self.cores.get(role if index is None else f"{role}{index}")
+        if cores:  # before the child starts its threads (torch, ZeroMQ), which inherit the mask
+            try:
+                os.sched_setaffinity(proc.pid, cores)
+            except OSError:
+                pass
         return Child(role, index, device, proc)
 
     def run(self) -> dict:
@@ -205,6 +212,18 @@ class Launcher:
         })
 
 
+def pin_plan(num_layers: int) -> dict[str, set[int]]:
+    """--pin: layer i on core i mod n of the cores this process may use; the source shares layer 0's core and
+    the sink the last layer's. Each layer then owns a core as long as there are at least as many cores as layers,
+    instead of the scheduler moving busy layers and ZeroMQ's I/O threads between cores. Linux only."""
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    plan = {f"layer{i}": {cores[i % len(cores)]} for i in range(num_layers)}
+    plan["source"], plan["sink"] = plan["layer0"], plan[f"layer{num_layers - 1}"]
+    return plan
+
+
 def launch(cfg: RunConfig, data: Data, devices: str = "cpu", threads: int = 1, show_progress: bool = True,
-           resume: bool = False) -> dict:
-    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress, resume).run()
+           resume: bool = False, pin: bool = False) -> dict:
+    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress, resume, pin).run()

@@ -49,6 +49,7 @@ class Sink:
         self.t_first: float | None = None  # arrival of the first train batch
         self.t_last = 0.0
         self.samples_after_first = 0
+        self.arrivals: list[tuple[float, int]] = []  # (time, images) per train batch, for the steady-state rate
         self.stopping = False
         self.show_progress = show_progress
         self.resume = resume
@@ -116,6 +117,7 @@ class Sink:
         else:
             self.samples_after_first += n
         self.t_last = now
+        self.arrivals.append((now, n))
         self.received["train"] += 1
         self.samples += n
         if "feats" in msg.tensors:
@@ -248,12 +250,16 @@ class Sink:
             "val_accuracy": last["accuracy"] if last and last["split"] == "val" else None,
             "predict": cfg.predict,
             "train_samples_per_s": self.samples_after_first / train_s if train_s > 0 else None,
+            "steady_samples_per_s": steady_rate(self.arrivals),
             "train_s": train_s, "wall_s": time.perf_counter() - self.t0,
             "time_to_accuracy_s": self.time_to,
             "interrupted": stop is None or bool(s.get("source.interrupted")),
             "accounting": accounting,
             "peak_rss_mb": peak,
             "busy_s": {f"layer{i}": s.get(f"layer{i}.busy_s") for i in layers},
+            "train_busy": {f"layer{i}": s.get(f"layer{i}.train_busy") for i in layers},  # busy share of its train window
+            "rss_start_mb": {f"layer{i}": s.get(f"layer{i}.rss_start_mb") for i in layers},  # RSS at its first train batch
+            "train_peak_rss_mb": {f"layer{i}": s.get(f"layer{i}.train_peak_rss_mb") for i in layers},  # from then to 1st eval
             "cpu_s": {"source": s.get("source.cpu_s"), **{f"layer{i}": s.get(f"layer{i}.cpu_s") for i in layers},
                       "sink": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)},
             "devices": {f"layer{i}": s.get(f"layer{i}.device") for i in layers},
@@ -261,6 +267,16 @@ class Sink:
             "history": self.history,
             "config": cfg.to_dict(),
         }
+
+
+def steady_rate(arrivals: list[tuple[float, int]], warmup: float = 0.1) -> float | None:
+    """Training images per second once the pipeline is full: the first `warmup` fraction of train batches
+    (at least one) and the one that starts the clock are left out; each image after them counts once."""
+    skip = max(1, int(len(arrivals) * warmup))
+    if len(arrivals) <= skip + 1:
+        return None
+    t0, t1 = arrivals[skip][0], arrivals[-1][0]  # the clock starts when the last warm-up batch is in
+    return sum(n for _, n in arrivals[skip + 1 :]) / (t1 - t0) if t1 > t0 else None
 
 
 def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = True, resume: bool = False) -> dict:

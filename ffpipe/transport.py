@@ -6,14 +6,23 @@ any order (ZeroMQ retries connections). High-water marks bound the messages queu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import zmq
 
 from ffpipe.wire import Message, WireError, decode, encode
 
-SEND_HWM = 2  # messages queued in a sender: with RECV_HWM, a link holds a handful of batches
-RECV_HWM = 2
+def _hwm() -> int:
+    text = os.environ.get("FFPIPE_HWM", "2")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"FFPIPE_HWM must be a positive integer (messages queued per socket); got {text!r}")
+    return int(text)
+
+
+# Messages queued in a sender and in a receiver: with both, a link holds a handful of batches. FFPIPE_HWM sets
+# both (the benchmark's batches-in-flight sweep); the default 2 keeps layers fed without hoarding memory.
+SEND_HWM = RECV_HWM = _hwm()
 MAX_MSG_BYTES = 1 << 30  # sockets drop (and ZeroMQ disconnects) any single message above this
 KERNEL_BUFFER = 256 * 1024  # TCP send/receive buffers: without a cap the kernel would hold many small batches
 LINGER_MS = 2000  # how long close() may wait to flush queued messages (stop must get through)

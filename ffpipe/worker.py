@@ -26,6 +26,7 @@ import zmq
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
 from ffpipe.layer import FFLayer, local_update, make_layer, make_optimizer, set_lr
+from ffpipe.metrics import PeakMemory
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
 
@@ -64,7 +65,10 @@ class Worker:
         self.applied = 0
         self.last_batch = 0  # the source numbers train batches 1, 2, ...; the highest this layer has applied
         self.rejected: collections.Counter[str] = collections.Counter()
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # time spent handling messages (train and eval)
+        self.train_busy_s = 0.0  # time spent handling train messages, and the window they span:
+        self.train_window: tuple[float, float] | None = None  # (first train message in, last train reply out)
+        self.memory = PeakMemory()  # from the end of the first train batch (imports, layer and optimizer built)
         self.stopping = False
         self.replayed = 0
         if resume and self.path.is_file():
@@ -201,8 +205,9 @@ class Worker:
         return {f"layer{i}.applied": self.applied, f"layer{i}.applied_now": self.applied - self.applied_at_start,
                 f"layer{i}.replayed": self.replayed, f"layer{i}.rejected": sum(self.rejected.values()),
                 f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
-                f"layer{i}.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                **{f"layer{i}.{k}": v for k, v in self.memory.report().items()},
                 f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device),
+                f"layer{i}.train_busy": round(self.train_busy_s / (w[1] - w[0]), 3) if (w := self.train_window) and w[1] > w[0] else None,
                 f"layer{i}.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
 
     # ---- the loop
@@ -230,7 +235,14 @@ class Worker:
                         raise WireError(f"a layer does not take {msg.kind!r} messages")
                     t0 = time.perf_counter()
                     reply = handlers[msg.kind](msg)
-                    self.busy_s += time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    self.busy_s += t1 - t0
+                    if msg.kind == "train":
+                        self.train_busy_s += t1 - t0
+                        self.train_window = (self.train_window or (t0, t1))[0], t1
+                        self.memory.training_starts()  # after the first batch, which built the layer and optimizer
+                    else:
+                        self.memory.training_pauses()
                 except (WireError, KeyError) as e:  # a bad message: count it, say so once per reason, keep serving
                     self._reject(f"{type(e).__name__}: {e}"[:120])
                     continue

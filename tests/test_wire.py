@@ -124,3 +124,14 @@ def test_random_bytes_never_escape_as_another_exception(frames):
         decode(frames)
     except WireError:
         pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_single_non_finite_value_anywhere_is_refused(dtype):
+    for n in (1, 7, 33, 1000):  # sizes around vector widths, so every position of a SIMD tail is tried
+        for i in range(n) if n < 100 else (0, 499, 998, 999):
+            for bad in (math.nan, math.inf, -math.inf):
+                t = torch.rand(n).to(dtype)
+                t[i] = bad
+                with pytest.raises(WireError, match="NaN or Inf"):
+                    decode([bytes(f) for f in encode(Message("train", tensors={"x": t}))])

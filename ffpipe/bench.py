@@ -1,0 +1,376 @@
+"""`ffpipe bench`: FF in-process, the FF pipeline and three backprop baselines, side by side, in one invocation.
+
+Every variant runs in its own process group (`python -m ffpipe.benchrun`), one after another so they never
+share the cores, on the same data, widths, batch size and threads per process. A variant that fails or runs
+past its timeout is killed with everything it started and reported with its error, never dropped.
+
+Writes OUT/bench.json (one record per run, with its exact configuration), OUT/bench.md (the tables) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ffpipe.benchrun import VARIANTS
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    dataset: str = "synthetic"
+    data_dir: str = "data"
+    layers: tuple[int, ...] = (1000, 1000)
+    batch_size: int = 256
+    variants: tuple[str, ...] = VARIANTS
+    devices: str = "cpu"
+    threads: int = 1  # torch threads in every process
+    steps: int = 200  # mini-batches (optimizer steps for bp-gpipe/bp-1f1b) per throughput run; first 10% untimed
+    microbatches: int = 4  # m for bp-gpipe / bp-1f1b
+    stages: tuple[int, ...] = ()  # also run every variant at these depths (widths: the first of `layers`)
+    in_flight: tuple[int, ...] = ()  # memory sweep: ff-pipeline queue depth and bp-gpipe micro-batches
+    to_accuracy: tuple[float, ...] = ()  # targets; runs each variant on the real data until reached
+    max_epochs: int = 30
+    negatives: str = "random"  # FF negatives in throughput runs; --to-accuracy uses the hinton recipe's hard ones
+    seed: int = 0
+    timeout_s: float = 900.0  # per run
+    pin: bool = False  # ff-pipeline: pin layer i to core i mod n (ffpipe run --pin)
+    out: str = "bench"
+
+    def __post_init__(self):
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ValueError(f"--variants must be a comma-separated subset of {', '.join(VARIANTS)}; got {', '.join(bad) or 'none'}")
+        for name in ("batch_size", "threads", "microbatches", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.steps < 2:
+            raise ValueError("--steps must be >= 2 (the first 10%, at least one, is warm-up)")
+        if not self.layers or any(w < 1 for w in self.layers):
+            raise ValueError("--layers must list positive widths, e.g. 1000,1000")
+        if any(s < 1 for s in self.stages) or any(k < 1 for k in self.in_flight):
+            raise ValueError("--stages and --in-flight take positive integers")
+        if any(not 0 < t <= 1 for t in self.to_accuracy):
+            raise ValueError("--to-accuracy takes accuracies in (0, 1], e.g. 0.93,0.98")
+        if self.negatives not in ("random", "hard"):
+            raise ValueError("--negatives must be random or hard")
+        if self.timeout_s <= 0:
+            raise ValueError("--timeout must be > 0")
+
+
+def _spec(o: BenchOptions, variant: str, kind: str, layers: tuple[int, ...], work: Path, **over) -> dict:
+    spec = {
+        "variant": variant, "kind": kind, "dataset": o.dataset, "data_dir": o.data_dir, "layers": list(layers),
+        "batch_size": o.batch_size, "threads": o.threads, "device": "cuda" if o.devices.startswith("cuda") else "cpu",
+        "devices": o.devices, "steps": o.steps, "warmup": max(1, o.steps // 10), "microbatches": o.microbatches,
+        "hwm": 2, "pin": o.pin, "negatives": o.negatives, "seed": o.seed, "to_accuracy": [], "max_epochs": o.max_epochs,
+    }
+    spec.update(over)
+    tag = "-".join(str(x) for x in (kind, variant, f"L{len(layers)}", f"m{spec['microbatches']}", f"q{spec['hwm']}", f"s{spec['steps']}"))
+    spec["work"] = str(work / tag)
+    spec["record"] = str(work / tag / "record.json")
+    return spec
+
+
+def plan(o: BenchOptions) -> list[dict]:
+    """Every run of the benchmark, in the order they execute."""
+    work = Path(o.out) / "runs"
+    specs = []
+    depths = sorted({len(o.layers), *o.stages})
+    for depth in depths:
+        layers = o.layers if depth == len(o.layers) else (o.layers[0],) * depth
+        specs += [_spec(o, v, "throughput", layers, work) for v in o.variants]
+    if "ff-pipeline" in o.variants:  # what the wire costs a stage, against its compute
+        specs.append(_spec(o, "ff-pipeline", "wire", o.layers, work))
+    for k in o.in_flight:
+        if "ff-pipeline" in o.variants:
+            specs.append(_spec(o, "ff-pipeline", "memory", o.layers, work, hwm=k))
+        if "bp-gpipe" in o.variants:
+            specs.append(_spec(o, "bp-gpipe", "memory", o.layers, work, microbatches=k))
+    if o.in_flight and "ff-pipeline" in o.variants:  # run length: the same pipeline over 4x as many batches
+        specs.append(_spec(o, "ff-pipeline", "memory", o.layers, work, steps=4 * o.steps))
+    if o.to_accuracy:
+        specs += [_spec(o, v, "accuracy", o.layers, work, to_accuracy=list(o.to_accuracy), negatives="hard") for v in o.variants]
+    return specs
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop a run and every process it started (they share its process group)."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            if proc.poll() is None:
+                time.sleep(0.05)
+            else:
+                time.sleep(0.05)
+
+
+def run_one(spec: dict, timeout_s: float) -> dict:
+    work = Path(spec["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(spec, indent=2))
+    Path(spec["record"]).unlink(missing_ok=True)
+    log = work / "log.txt"
+    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "ffpipe.benchrun", str(work / "spec.json")], stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout_s)
+            error = None if rc == 0 else (_last_line(log) or f"exit code {rc}")
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout_s:g}s"
+        finally:
+            _kill_group(proc)  # also on success: nothing it started may outlive it
+    record = {"variant": spec["variant"], "kind": spec["kind"], "stages": len(spec["layers"]), "ok": error is None,
+              "error": error, "elapsed_s": round(time.perf_counter() - t0, 2), "log": str(log)}
+    if error is None:
+        try:
+            record.update(json.loads(Path(spec["record"]).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            record.update(ok=False, error=f"no record written ({e})")
+    procs = record.get("processes") or {}
+    peaks = [p["peak_rss_mb"] for p in procs.values() if p.get("peak_rss_mb")]
+    if peaks:
+        record["peak_rss_mb_max"], record["peak_rss_mb_total"] = max(peaks), round(sum(peaks), 1)
+    growth = [p["train_peak_rss_mb"] - p["rss_start_mb"] for p in procs.values() if p.get("train_peak_rss_mb") and p.get("rss_start_mb")]
+    if growth:  # what steady training adds: peak after the first step minus RSS then, worst process
+        record["growth_mb_max"] = round(max(growth), 1)
+    busy = {name: p["busy"] for name, p in procs.items() if p.get("busy") is not None}
+    if busy:
+        record["busy"] = busy
+    record["config"] = {k: v for k, v in spec.items() if k not in ("record", "work")}
+    return record
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def derive(records: list[dict], cores: int) -> None:
+    """Ratios against bp-inprocess and ff-inprocess at the same depth, pipeline efficiency and speedups."""
+    base = {(r["variant"], r["stages"]): r.get("samples_per_s") for r in records if r["kind"] == "throughput" and r["ok"]}
+    for r in records:
+        if r["kind"] != "throughput" or not r["ok"] or not r.get("samples_per_s"):
+            continue
+        sps, depth = r["samples_per_s"], r["stages"]
+        bp, ff1 = base.get(("bp-inprocess", depth)), base.get(("ff-inprocess", depth))
+        r["vs_bp_inprocess"] = round(sps / bp, 3) if bp else None
+        r["vs_ff_inprocess"] = round(sps / ff1, 3) if ff1 else None
+        if r["variant"] == "ff-pipeline" and ff1:
+            workers = min(depth, cores) if r["config"]["device"] == "cpu" else depth
+            r["pipeline_efficiency"] = round(sps / (workers * ff1), 3)
+            if bp:  # FF does a positive and a negative pass per image: the ideal over L stages is L/2 x backprop
+                r["vs_ideal_l_over_2_bp"] = round(sps / (workers / 2 * bp), 3)
+
+
+def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict, command: str) -> None:
+    L = []
+    L.append(f"# ffpipe bench: {o.dataset}, layers {','.join(map(str, o.layers))}, batch {o.batch_size}, {o.threads} thread(s) per process\n")
+    L.append(f"Machine: {info['cpu']}, {info['cores']} cores" + (f", GPUs: {', '.join(info['gpus'])}" if info.get("gpus") else "")
+             + f"; torch {info['torch']}, Python {info['python']}. Devices: {o.devices}.\n")
+    L.append(f"Command: `{command}`\n")
+    L.append(f"Throughput: {o.steps} mini-batches per run (bp-gpipe/bp-1f1b: {o.steps} optimizer steps of m x {o.batch_size} images), "
+             "the first 10% untimed; each training image counted once. Peak memory: each process's peak RSS; growth: peak after the first training step "
+             "minus RSS at that point (Linux clear_refs), i.e. what steady training adds"
+             + (" (GPU: peak allocated)" if o.devices.startswith("cuda") else "") + ".\n")
+    rows = [r for r in records if r["kind"] == "throughput"]
+    if rows:
+        L.append("## Throughput\n")
+        L.append("| variant | stages | m / queue | samples/s | x bp-inprocess | x ff-inprocess | pipeline efficiency | peak RSS MB (max / total) | busy per process |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            L.append(_row(r))
+    wire = [r for r in records if r["kind"] == "wire"]
+    if wire:
+        L.append("\n## The wire's share of a stage\n")
+        L.append("One process, one thread: encode + send + receive + decode of one train message (positives and negatives of a "
+                 "batch at the layer's width) over loopback ZeroMQ, against that layer's local update (width x width).\n")
+        L.append("| width | batch | message MB | wire ms | layer step ms | wire / step |")
+        L.append("|---:|---:|---:|---:|---:|---:|")
+        for r in wire:
+            if r["ok"]:
+                L.append(f"| {r['config']['layers'][-1]} | {r['config']['batch_size']} | {r['message_mb']} | {r['wire_ms']:.3f} | "
+                         f"{r['compute_ms']:.3f} | {r['wire_fraction']:.1%} |")
+            else:
+                L.append(f"| {r['config']['layers'][-1]} | {r['config']['batch_size']} | failed: {r['error']} | | | |")
+    mem = [r for r in records if r["kind"] == "memory"] + [r for r in rows if r["variant"] in ("ff-pipeline", "bp-gpipe") and r["stages"] == len(o.layers)]
+    if any(r["kind"] == "memory" for r in mem):
+        L.append("\n## Memory against batches in flight\n")
+        L.append("ff-pipeline: the queue depth FFPIPE_HWM of every link (default 2); bp-gpipe: m micro-batches of "
+                 f"{o.batch_size} images per step. Run length: mini-batches trained.\n")
+        L.append("| variant | in flight (queue / m) | run length | peak RSS MB per process (max) | total | growth in training MB (max) | samples/s |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(mem, key=lambda r: (r["variant"], _inflight(r), r["config"]["steps"])):
+            peak = f"{r['peak_rss_mb_max']:,.0f}" if r.get("peak_rss_mb_max") else "-"
+            total = f"{r['peak_rss_mb_total']:,.0f}" if r.get("peak_rss_mb_total") else "-"
+            L.append(f"| {r['variant']} | {_inflight(r)} | {r['config']['steps']} | {peak} | {total} | {_num(r.get('growth_mb_max'), '{:,.1f}')} | {_num(r.get('samples_per_s'))} |"
+                     + ("" if r["ok"] else f" failed: {r['error']} |"))
+    acc = [r for r in records if r["kind"] == "accuracy"]
+    if acc:
+        targets = o.to_accuracy
+        L.append("\n## Wall time to test accuracy\n")
+        L.append("Wall time from the start of training, per-epoch evaluation included; FF variants use the hinton recipe "
+                 "(hard negatives), backprop uses Adam.\n")
+        L.append("| variant | " + " | ".join(f"to {t:.2%}" for t in targets) + " | best accuracy | epochs |")
+        L.append("|---|" + "---:|" * (len(targets) + 2))
+        for r in acc:
+            if not r["ok"]:
+                L.append(f"| {r['variant']} | failed: {r['error']} |")
+                continue
+            hist = r.get("history") or []
+            cells = [f"{r['time_to_accuracy_s'][str(t)]:,.0f} s" if str(t) in r.get("time_to_accuracy_s", {}) else "not reached" for t in targets]
+            best = max((h["accuracy"] for h in hist), default=float("nan"))
+            L.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {best:.4f} | {len(hist)} |")
+    failed = [r for r in records if not r["ok"]]
+    if failed:
+        L.append("\n## Runs that failed\n")
+        L += [f"- {r['variant']} ({r['kind']}, {r['stages']} stages): {r['error']}" for r in failed]
+    path.write_text("\n".join(L) + "\n")
+
+
+def _inflight(r: dict) -> int:
+    return r["config"]["hwm"] if r["variant"] == "ff-pipeline" else r["config"]["microbatches"]
+
+
+def _num(x, fmt="{:,.0f}") -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) else "-"
+
+
+def _row(r: dict) -> str:
+    if not r["ok"]:
+        return f"| {r['variant']} | {r['stages']} | | failed: {r['error']} | | | | | |"
+    m = r["config"]["microbatches"] if r["variant"] in ("bp-gpipe", "bp-1f1b") else (r["config"]["hwm"] if r["variant"] == "ff-pipeline" else "")
+    busy = ", ".join(f"{k} {v:.2f}" for k, v in r.get("busy", {}).items())
+    peak = f"{r.get('peak_rss_mb_max', 0):,.0f} / {r.get('peak_rss_mb_total', 0):,.0f}"
+    return (f"| {r['variant']} | {r['stages']} | {m} | {_num(r.get('samples_per_s'))} | {_num(r.get('vs_bp_inprocess'), '{:.2f}')} | "
+            f"{_num(r.get('vs_ff_inprocess'), '{:.2f}')} | {_num(r.get('pipeline_efficiency'), '{:.2f}')} | {peak} | {busy} |")
+
+
+def plot(out: Path, records: list[dict], o: BenchOptions) -> list[str]:
+    """PNG plots of what was measured; returns the files written (none, with a note, without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("ffpipe bench: matplotlib is not installed (pip install 'ffpipe[bench]'); skipping the plots", file=sys.stderr)
+        return []
+    written = []
+    rows = [r for r in records if r["kind"] == "throughput" and r["ok"] and r.get("samples_per_s")]
+    if rows:
+        depths = sorted({r["stages"] for r in rows})
+        variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / max(1, len(depths))
+        for k, d in enumerate(depths):
+            ys = [next((r["samples_per_s"] for r in rows if r["variant"] == v and r["stages"] == d), 0) for v in variants]
+            ax.bar([i + k * width for i in range(len(variants))], ys, width, label=f"{d} stage{'s' if d > 1 else ''}")
+        ax.set_xticks([i + width * (len(depths) - 1) / 2 for i in range(len(variants))], variants)
+        ax.set_ylabel("training samples/s")
+        ax.set_title(f"{o.dataset}, width {o.layers[0]}, batch {o.batch_size}, {o.threads} thread(s)/process")
+        ax.legend()
+        written.append(_save(fig, out / "throughput.png", plt))
+    mem = [r for r in records if r["ok"] and r.get("growth_mb_max") is not None and r["config"]["steps"] == o.steps
+           and len(r["config"]["layers"]) == len(o.layers) and r["variant"] in ("ff-pipeline", "bp-gpipe") and r["kind"] in ("memory", "throughput")]
+    if any(r["kind"] == "memory" for r in mem):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for v, label in (("ff-pipeline", "ff-pipeline (queue depth)"), ("bp-gpipe", "bp-gpipe (micro-batches m)")):
+            pts = sorted({_inflight(r): r["growth_mb_max"] for r in mem if r["variant"] == v}.items())
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xlabel("batches in flight")
+        ax.set_ylabel("memory added by training, worst process (MB)")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+        written.append(_save(fig, out / "memory.png", plt))
+    acc = [r for r in records if r["kind"] == "accuracy" and r["ok"] and r.get("history")]
+    if acc:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in acc:
+            hist = [h for h in r["history"] if h.get("split", "test") == "test"]
+            ax.plot([h["wall_s"] for h in hist], [h["accuracy"] for h in hist], marker=".", label=r["variant"])
+        for t in o.to_accuracy:
+            ax.axhline(t, color="grey", lw=0.5, ls="--")
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("test accuracy")
+        ax.legend()
+        written.append(_save(fig, out / "accuracy.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan(o)
+    info = machine()
+    echo(f"ffpipe bench: {len(specs)} runs on {o.dataset} ({', '.join(o.variants)}); layers {list(o.layers)}, batch {o.batch_size}, "
+         f"{o.threads} thread(s) per process, {info['cores']} cores; writing {out}/")
+    records = []
+    for i, spec in enumerate(specs, 1):
+        what = f"[{i}/{len(specs)}] {spec['kind']:<10} {spec['variant']:<12} {len(spec['layers'])} stage(s)"
+        if spec["variant"] in ("bp-gpipe", "bp-1f1b"):
+            what += f", m={spec['microbatches']}"
+        if spec["variant"] == "ff-pipeline":
+            what += f", queue {spec['hwm']}"
+        r = run_one(spec, o.timeout_s)
+        records.append(r)
+        if not r["ok"]:
+            echo(f"{what}: FAILED: {r['error']}")
+        elif spec["kind"] == "accuracy":
+            echo(f"{what}: time to accuracy {r.get('time_to_accuracy_s')} ({r['elapsed_s']:.0f}s)")
+        elif spec["kind"] == "wire":
+            echo(f"{what}: wire {r['wire_ms']:.2f} ms per message vs layer step {r['compute_ms']:.2f} ms ({r['wire_fraction']:.1%})")
+        else:
+            echo(f"{what}: {_num(r.get('samples_per_s'))} samples/s, peak RSS {_num(r.get('peak_rss_mb_max'))} MB max / "
+                 f"{_num(r.get('peak_rss_mb_total'))} MB total ({r['elapsed_s']:.0f}s)")
+    derive(records, info["cores"] or 1)
+    result = {"options": asdict(o), "command": command, "machine": info, "records": records}
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "bench.json")
+    write_markdown(out / "bench.md", records, o, info, command)
+    plots = plot(out, records, o)
+    echo(f"ffpipe bench: wrote {out}/bench.json, bench.md" + (", " + ", ".join(Path(p).name for p in plots) if plots else ""))
+    return result

@@ -1,0 +1,153 @@
+"""`ffpipe bench`: every variant on tiny synthetic runs (records, plots, cleanup), failures reported, not dropped."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ffpipe.bench import BenchOptions, derive
+from ffpipe.cli import app
+from ffpipe.metrics import PeakMemory
+from ffpipe.sink import steady_rate
+
+runner = CliRunner()
+TINY = ["--synthetic", "--layers", "32,32", "--batch-size", "16", "--steps", "10", "--timeout", "120"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _bench(*args):
+    return runner.invoke(app, ["bench", *map(str, args)])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def _started_pids(out: Path) -> list[int]:
+    """Every process a pipeline run started, from its run.json."""
+    pids = []
+    for run in out.glob("runs/*/run/run.json"):
+        meta = json.loads(run.read_text())
+        pids += [meta["launcher_pid"], *(p["pid"] for p in meta["processes"])]
+    return pids
+
+
+def _valid_png(path: Path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == PNG and b"IHDR" in data[:32] and data.rstrip().endswith(b"IEND\xaeB`\x82") and len(data) > 2000
+
+
+@pytest.mark.slow
+def test_every_variant_gives_a_plausible_record_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    result = _bench(*TINY, "--in-flight", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    bench = json.loads((out / "bench.json").read_text())
+    records = bench["records"]
+    throughput = {r["variant"]: r for r in records if r["kind"] == "throughput"}
+    assert set(throughput) == {"ff-inprocess", "ff-pipeline", "bp-inprocess", "bp-gpipe", "bp-1f1b"}
+    for name, r in throughput.items():
+        assert r["ok"], (name, r["error"])
+        assert r["stages"] == 2 and r["config"]["layers"] == [32, 32] and r["config"]["threads"] == 1
+        assert 0 < r["samples_per_s"] < 1e7, name
+        assert 100 < r["peak_rss_mb_max"] <= r["peak_rss_mb_total"], name
+        assert r["growth_mb_max"] is not None and r["growth_mb_max"] >= 0, name
+        assert all(0 < b < 1.5 for b in r["busy"].values()), (name, r["busy"])
+    assert len(throughput["ff-pipeline"]["processes"]) == 4  # source, two layers, sink
+    assert throughput["ff-pipeline"]["accounting_complete"]
+    assert set(throughput["bp-gpipe"]["processes"]) == {"stage0", "stage1"} and throughput["bp-gpipe"]["microbatches"] == 4
+    assert throughput["ff-inprocess"]["vs_ff_inprocess"] == 1.0 and throughput["bp-inprocess"]["vs_bp_inprocess"] == 1.0
+    assert throughput["ff-pipeline"]["pipeline_efficiency"] > 0
+    (wire,) = [r for r in records if r["kind"] == "wire"]
+    assert wire["ok"] and wire["wire_ms"] > 0 and wire["compute_ms"] > 0 and wire["message_mb"] == round(2 * 16 * 32 * 4 / 2**20, 2)
+    memory = [r for r in records if r["kind"] == "memory"]
+    assert sorted((r["variant"], r["config"]["hwm"], r["config"]["microbatches"], r["config"]["steps"]) for r in memory) == [
+        ("bp-gpipe", 2, 1, 10), ("ff-pipeline", 1, 4, 10), ("ff-pipeline", 2, 4, 40)]
+    assert bench["machine"]["cores"] >= 1 and bench["options"]["batch_size"] == 16
+    md = (out / "bench.md").read_text()
+    assert "| ff-pipeline | 2 | 2 |" in md and "Memory against batches in flight" in md and "The wire's share" in md
+    for png in ("throughput.png", "memory.png"):
+        assert _valid_png(out / png), png
+    assert not any(_alive(pid) for pid in _started_pids(out))
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_and_its_plot(tmp_path):
+    out = tmp_path / "bench"
+    result = _bench("--dataset", "digits", "--layers", "64,64", "--batch-size", "50", "--steps", "4",
+                    "--variants", "ff-inprocess,bp-inprocess", "--to-accuracy", "0.2", "--max-epochs", "8", "--out", out)
+    assert result.exit_code == 0, result.output
+    acc = [r for r in json.loads((out / "bench.json").read_text())["records"] if r["kind"] == "accuracy"]
+    assert [r["variant"] for r in acc] == ["ff-inprocess", "bp-inprocess"]
+    for r in acc:
+        assert r["ok"] and r["history"] and 0 < r["time_to_accuracy_s"]["0.2"] <= r["history"][-1]["wall_s"]
+    assert "Wall time to test accuracy" in (out / "bench.md").read_text()
+    assert _valid_png(out / "accuracy.png")
+
+
+@pytest.mark.slow
+def test_a_run_past_its_timeout_is_killed_with_everything_it_started_and_reported(tmp_path):
+    out = tmp_path / "bench"
+    result = _bench("--synthetic", "--layers", "256,256", "--batch-size", "64", "--steps", "100000", "--variants", "ff-pipeline",
+                    "--timeout", "12", "--out", out)
+    assert result.exit_code == 2, result.output
+    r, wire = json.loads((out / "bench.json").read_text())["records"]
+    assert not r["ok"] and "timed out after 12s" in r["error"] and r["kind"] == "throughput"
+    assert wire["ok"] and wire["kind"] == "wire"  # one failed run does not stop the rest
+    assert "failed: timed out" in (out / "bench.md").read_text()
+    pids = _started_pids(out)
+    assert len(pids) == 5 and not any(_alive(pid) for pid in pids)
+
+
+def test_bad_options_fail_with_one_line(tmp_path):
+    for args, message in (
+        (["--variants", "ff-inprocess,nonsense"], "--variants must be"),
+        (["--steps", "1"], "--steps must be >= 2"),
+        (["--to-accuracy", "98"], "accuracies in (0, 1]"),
+        (["--devices", "tpu"], "--devices must be cpu or cuda"),
+        (["--dataset", "mnist", "--data-dir", tmp_path / "nowhere"], str(tmp_path / "nowhere")),
+    ):
+        result = _bench(*args, "--out", tmp_path / "b")
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output.replace("\n", ""), (args, result.output)
+    assert not (tmp_path / "b").exists()  # nothing started
+
+
+def test_steady_rate_leaves_out_the_warm_up():
+    arrivals = [(0.0, 10)] + [(10.0 + i, 100) for i in range(10)]  # a slow first batch, then 100 images/s
+    assert steady_rate(arrivals) == pytest.approx(100.0)
+    assert steady_rate(arrivals[:2]) is None
+
+
+def test_ratios_and_efficiency():
+    def rec(variant, sps, device="cpu"):
+        return {"variant": variant, "kind": "throughput", "stages": 2, "ok": True, "samples_per_s": sps, "config": {"device": device}}
+
+    records = [rec("ff-inprocess", 1000), rec("ff-pipeline", 1800), rec("bp-inprocess", 4000), rec("bp-gpipe", 2000)]
+    derive(records, cores=2)
+    ff1, pipe, bp, gpipe = records
+    assert pipe["pipeline_efficiency"] == 0.9 and pipe["vs_ff_inprocess"] == 1.8 and pipe["vs_bp_inprocess"] == 0.45
+    assert pipe["vs_ideal_l_over_2_bp"] == 0.45 and gpipe["vs_bp_inprocess"] == 0.5 and "pipeline_efficiency" not in gpipe
+    with pytest.raises(ValueError):
+        BenchOptions(steps=1)
+
+
+def test_peak_memory_separates_training_from_startup():
+    blob = bytearray(64 << 20)  # a startup spike, freed before training
+    del blob
+    memory = PeakMemory()
+    memory.training_starts()
+    kept = bytearray(32 << 20)
+    kept[:: 4096] = b"x" * len(kept[:: 4096])  # touch every page
+    report = memory.report()
+    assert report["peak_rss_mb"] >= report["train_peak_rss_mb"] >= report["rss_start_mb"]
+    if Path("/proc/self/clear_refs").exists():
+        assert 24 < report["train_peak_rss_mb"] - report["rss_start_mb"] < 48
+    del kept
