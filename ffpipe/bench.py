@@ -91,8 +91,8 @@ def plan(o: BenchOptions) -> list[dict]:
     for k in o.in_flight:
         if "ff-pipeline" in o.variants:
             specs.append(_spec(o, "ff-pipeline", "memory", o.layers, work, hwm=k))
-        if "bp-gpipe" in o.variants:
-            specs.append(_spec(o, "bp-gpipe", "memory", o.layers, work, microbatches=k))
+        if "bp-gpipe" in o.variants:  # a step is k micro-batches: k times fewer steps keep the images per run alike
+            specs.append(_spec(o, "bp-gpipe", "memory", o.layers, work, microbatches=k, steps=max(10, o.steps // k)))
     if o.in_flight and "ff-pipeline" in o.variants:  # run length: the same pipeline over 4x as many batches
         specs.append(_spec(o, "ff-pipeline", "memory", o.layers, work, steps=4 * o.steps))
     if o.to_accuracy:
@@ -134,7 +134,7 @@ def run_one(spec: dict, timeout_s: float) -> dict:
     Path(spec["record"]).unlink(missing_ok=True)
     log = work / "log.txt"
     t0 = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONUNBUFFERED": "1", "FFPIPE_BENCH_PID": str(os.getpid())}
     with open(log, "w") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "ffpipe.benchrun", str(work / "spec.json")], stdout=logf,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -231,7 +231,7 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
     if any(r["kind"] == "memory" for r in mem):
         L.append("\n## Memory against batches in flight\n")
         L.append("ff-pipeline: the queue depth FFPIPE_HWM of every link (default 2); bp-gpipe: m micro-batches of "
-                 f"{o.batch_size} images per step. Run length: mini-batches trained.\n")
+                 f"{o.batch_size} images per step. Run length: steps (a bp-gpipe step is m micro-batches).\n")
         L.append("| variant | in flight (queue / m) | run length | peak RSS MB per process (max) | total | growth in training MB (max) | samples/s |")
         L.append("|---|---:|---:|---:|---:|---:|---:|")
         for r in sorted(mem, key=lambda r: (r["variant"], _inflight(r), r["config"]["steps"])):
@@ -305,7 +305,8 @@ def plot(out: Path, records: list[dict], o: BenchOptions) -> list[str]:
         ax.set_title(f"{o.dataset}, width {o.layers[0]}, batch {o.batch_size}, {o.threads} thread(s)/process")
         ax.legend()
         written.append(_save(fig, out / "throughput.png", plt))
-    mem = [r for r in records if r["ok"] and r.get("growth_mb_max") is not None and r["config"]["steps"] == o.steps
+    mem = [r for r in records if r["ok"] and r.get("growth_mb_max") is not None
+           and not (r["variant"] == "ff-pipeline" and r["config"]["steps"] != o.steps)
            and len(r["config"]["layers"]) == len(o.layers) and r["variant"] in ("ff-pipeline", "bp-gpipe") and r["kind"] in ("memory", "throughput")]
     if any(r["kind"] == "memory" for r in mem):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -340,6 +341,31 @@ def _save(fig, path: Path, plt) -> str:
     return str(path)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run_one's cleanup, as Ctrl-C does
+
+
+def _describe(spec: dict, i: int, n: int) -> str:
+    what = f"[{i}/{n}] {spec['kind']:<10} {spec['variant']:<12} {len(spec['layers'])} stage(s)"
+    if spec["variant"] in ("bp-gpipe", "bp-1f1b"):
+        what += f", m={spec['microbatches']}"
+    if spec["variant"] == "ff-pipeline":
+        what += f", queue {spec['hwm']}"
+    return what
+
+
+def _report(r: dict, what: str, echo) -> None:
+    if not r["ok"]:
+        echo(f"{what}: FAILED: {r['error']}")
+    elif r["kind"] == "accuracy":
+        echo(f"{what}: time to accuracy {r.get('time_to_accuracy_s')} ({r['elapsed_s']:.0f}s)")
+    elif r["kind"] == "wire":
+        echo(f"{what}: wire {r['wire_ms']:.2f} ms per message vs layer step {r['compute_ms']:.2f} ms ({r['wire_fraction']:.1%})")
+    else:
+        echo(f"{what}: {_num(r.get('samples_per_s'))} samples/s, peak RSS {_num(r.get('peak_rss_mb_max'))} MB max / "
+             f"{_num(r.get('peak_rss_mb_total'))} MB total ({r['elapsed_s']:.0f}s)")
+
+
 def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,23 +374,14 @@ def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     echo(f"ffpipe bench: {len(specs)} runs on {o.dataset} ({', '.join(o.variants)}); layers {list(o.layers)}, batch {o.batch_size}, "
          f"{o.threads} thread(s) per process, {info['cores']} cores; writing {out}/")
     records = []
-    for i, spec in enumerate(specs, 1):
-        what = f"[{i}/{len(specs)}] {spec['kind']:<10} {spec['variant']:<12} {len(spec['layers'])} stage(s)"
-        if spec["variant"] in ("bp-gpipe", "bp-1f1b"):
-            what += f", m={spec['microbatches']}"
-        if spec["variant"] == "ff-pipeline":
-            what += f", queue {spec['hwm']}"
-        r = run_one(spec, o.timeout_s)
-        records.append(r)
-        if not r["ok"]:
-            echo(f"{what}: FAILED: {r['error']}")
-        elif spec["kind"] == "accuracy":
-            echo(f"{what}: time to accuracy {r.get('time_to_accuracy_s')} ({r['elapsed_s']:.0f}s)")
-        elif spec["kind"] == "wire":
-            echo(f"{what}: wire {r['wire_ms']:.2f} ms per message vs layer step {r['compute_ms']:.2f} ms ({r['wire_fraction']:.1%})")
-        else:
-            echo(f"{what}: {_num(r.get('samples_per_s'))} samples/s, peak RSS {_num(r.get('peak_rss_mb_max'))} MB max / "
-                 f"{_num(r.get('peak_rss_mb_total'))} MB total ({r['elapsed_s']:.0f}s)")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for i, spec in enumerate(specs, 1):
+            r = run_one(spec, o.timeout_s)
+            records.append(r)
+            _report(r, _describe(spec, i, len(specs)), echo)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     derive(records, info["cores"] or 1)
     result = {"options": asdict(o), "command": command, "machine": info, "records": records}
     tmp = out / "bench.json.tmp"

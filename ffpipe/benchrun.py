@@ -282,6 +282,9 @@ RUNNERS = {"ff-inprocess": ff_inprocess, "ff-pipeline": ff_pipeline, "bp-inproce
 
 
 def main(argv: list[str]) -> int:
+    from ffpipe.launcher import die_with_launcher
+
+    die_with_launcher("FFPIPE_BENCH_PID")  # a bench killed outright takes its running variant with it
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(spec["work"])
     out.mkdir(parents=True, exist_ok=True)

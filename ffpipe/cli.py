@@ -91,6 +91,7 @@ def run(
     source_addr: Annotated[str, typer.Option(help="host:port where the source receives beliefs.", envvar="FFPIPE_SOURCE_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5550",
     layer_addrs: Annotated[Optional[str], typer.Option(help="host:port where each layer receives, comma-separated (default 127.0.0.1:5551, :5552, ...).", envvar="FFPIPE_LAYER_ADDRS", rich_help_panel=_PANEL_PIPE)] = None,
     sink_addr: Annotated[str, typer.Option(help="host:port where the sink receives.", envvar="FFPIPE_SINK_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5549",
+    keys: Annotated[Optional[Path], typer.Option(help="Encrypt and authenticate every link with the CURVE keys in this folder (`ffpipe keys DIR` makes them).", envvar="FFPIPE_KEYS", rich_help_panel=_PANEL_PIPE)] = None,
     pin: Annotated[bool, typer.Option("--pin", help="Pin layer i to core i mod n (source with layer 0, sink with the last layer); Linux.", rich_help_panel=_PANEL_PIPE)] = False,
     bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder (its config; flags such as --epochs still override).", rich_help_panel=_PANEL_RUN)] = None,
@@ -125,7 +126,7 @@ def run(
         else:
             cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
         if role is not None:
-            _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet, resume_role)
+            _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet, resume_role, keys)
             return
         data = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download)
         if data.name != cfg.dataset and config_file is None:  # "auto" resolved: apply the preset's defaults for that dataset
@@ -149,7 +150,10 @@ def run(
         else:
             from ffpipe.launcher import launch
 
-            launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None, pin=pin)
+            from ffpipe import security
+
+            launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None, pin=pin,
+                   keys=security.load(keys) if keys else None)
     except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError) as e:
         raise _fail(str(e)) from None
     except OSError as e:
@@ -167,14 +171,14 @@ def _read_config(path: Path):
         raise ValueError(f"{path}: not an ffpipe config.json ({e})") from e
 
 
-def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet, resume) -> None:
+def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet, resume, keys) -> None:
     """One role of a pipeline in this process (what `ffpipe run` starts per layer, and what containers run)."""
-    from ffpipe import data as datasets
+    from ffpipe import data as datasets, security
     from ffpipe.topology import Topology
 
     if layer_addrs is None:
         layer_addrs = ",".join(f"127.0.0.1:{5551 + i}" for i in range(len(cfg.layers)))
-    topo = Topology.parse(source_addr, layer_addrs, sink_addr, bind_host)
+    topo = Topology.parse(source_addr, layer_addrs, sink_addr, bind_host, security.load(keys) if keys else None)
     if len(topo.layers) != len(cfg.layers):
         raise ValueError(f"--layer-addrs lists {len(topo.layers)} addresses for {len(cfg.layers)} layers")
     from ffpipe.launcher import die_with_launcher
@@ -353,3 +357,21 @@ def compose(
         raise _fail(str(e)) from None
     except OSError as e:
         raise _fail(f"{out}: {e.strerror}") from None
+
+
+@app.command()
+def keys(
+    folder: Annotated[Path, typer.Argument(help="Folder to write server.key(_secret) and client.key(_secret) into.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace existing keys.")] = False,
+) -> None:
+    """Create the CURVE key pairs that encrypt and authenticate a pipeline's links (`ffpipe run --keys FOLDER`)."""
+    from ffpipe import security
+
+    try:
+        security.create(folder, force=force)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or folder}: {e.strerror}") from None
+    typer.echo(f"wrote {folder}/server.key, server.key_secret, client.key, client.key_secret; copy the folder to every "
+               f"host of the pipeline and start every role with --keys {folder}")

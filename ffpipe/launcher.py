@@ -68,10 +68,10 @@ def resolve_devices(spec: str, num_layers: int) -> list[str]:
 STALE = ("layer*.pt", "readout.pt", "run.json", "summary.json", "checkpoint.pt", "metrics.jsonl")
 
 
-def die_with_launcher() -> None:
-    """Called by a role at start-up when a launcher started it: get SIGTERM when the launcher dies (Linux),
-    and exit at once if it is already gone."""
-    parent = os.environ.get("FFPIPE_LAUNCHER_PID")
+def die_with_launcher(variable: str = "FFPIPE_LAUNCHER_PID") -> None:
+    """Called at start-up by a process that a launcher (or the bench) started, whose pid is in `variable`:
+    get SIGTERM when that parent dies (Linux), and exit at once if it is already gone."""
+    parent = os.environ.get(variable)
     if not parent:
         return
     try:
@@ -79,13 +79,14 @@ def die_with_launcher() -> None:
     except (OSError, AttributeError):
         return
     if os.getppid() != int(parent):
-        sys.exit("ffpipe: the launcher that started this role is gone")
+        sys.exit("ffpipe: the process that started this one is gone")
 
 
 class Launcher:
     def __init__(self, cfg: RunConfig, data: Data, devices: list[str], threads: int, show_progress: bool = True,
-                 resume: bool = False, pin: bool = False):
+                 resume: bool = False, pin: bool = False, keys=None):
         self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads
+        self.keys = keys
         self.cores = pin_plan(len(cfg.layers)) if pin else {}
         self.out = Path(cfg.out)
         self.show_progress = show_progress
@@ -120,7 +121,7 @@ class Launcher:
             for pattern in STALE:
                 for path in self.out.glob(pattern):
                     path.unlink()
-        topo = Topology.local(len(cfg.layers))
+        topo = Topology.local(len(cfg.layers), keys=self.keys)
         d = self.data
         eval_split = d.val if d.val is not None else d.test
         print(f"ffpipe: pipeline {cfg.preset} run on {d.name} ({len(d.train):,} train, {len(eval_split):,} "
@@ -225,5 +226,5 @@ def pin_plan(num_layers: int) -> dict[str, set[int]]:
 
 
 def launch(cfg: RunConfig, data: Data, devices: str = "cpu", threads: int = 1, show_progress: bool = True,
-           resume: bool = False, pin: bool = False) -> dict:
-    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress, resume, pin).run()
+           resume: bool = False, pin: bool = False, keys=None) -> dict:
+    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress, resume, pin, keys).run()

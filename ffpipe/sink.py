@@ -178,9 +178,9 @@ class Sink:
 
     def run(self) -> dict:
         cfg = self.cfg
-        ctx = zmq.Context()
-        inbox = transport.pull(ctx, self.topo.sink.bind_url(self.topo.bind_host))
-        beliefs = transport.push(ctx, self.topo.source.connect_url(), hwm=64, linger_ms=0) if cfg.negatives == "hard" else None
+        links = transport.Links(self.topo.keys)
+        inbox = links.pull(self.topo.sink.bind_url(self.topo.bind_host))
+        beliefs = links.push(self.topo.source.connect_url(), hwm=64, linger_ms=0) if cfg.negatives == "hard" else None
         self.t0 = time.perf_counter()
         stop: Message | None = None
         idle = transport.IdleClock("sink", self.timeout_ms)
@@ -214,7 +214,7 @@ class Sink:
             inbox.close()
             if beliefs is not None:
                 beliefs.close()
-            ctx.term()
+            links.close()
         summary = self.summary(stop)
         if self.readout is not None:
             checkpoint.save(self.out / "readout.pt", {"config": cfg.to_json(), "readout": self.readout.state_dict(),

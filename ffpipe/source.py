@@ -122,9 +122,9 @@ class Source:
 
     def run(self) -> dict:
         cfg = self.cfg
-        ctx = zmq.Context()
-        out = transport.push(ctx, self.topo.layers[0].connect_url(), linger_ms=self.timeout_ms)
-        inbox = transport.pull(ctx, self.topo.source.bind_url(self.topo.bind_host)) if cfg.negatives == "hard" else None
+        links = transport.Links(self.topo.keys)
+        out = links.push(self.topo.layers[0].connect_url(), linger_ms=self.timeout_ms)
+        inbox = links.pull(self.topo.source.bind_url(self.topo.bind_host)) if cfg.negatives == "hard" else None
         n = len(self.data.train)
         total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
         drawn = 0  # train batches drawn so far, sent or (when resuming) skipped
@@ -160,7 +160,7 @@ class Source:
             out.close()  # lingers until the stop message is delivered (or the peer timeout passes)
             if inbox is not None:
                 inbox.close()
-            ctx.term()
+            links.close()
         return {"sent_train": self.sent["train"], "sent_eval": self.sent["eval"], "interrupted": self.stopping}
 
 

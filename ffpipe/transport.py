@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import zmq
 
+from ffpipe import security
+from ffpipe.security import Keys
 from ffpipe.wire import Message, WireError, decode, encode
 
 def _hwm() -> int:
@@ -72,23 +74,47 @@ class IdleClock:
         self.waited_ms = 0
 
 
-def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM) -> zmq.Socket:
+def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM, keys: Keys | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.RCVBUF, KERNEL_BUFFER)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.secure_server(sock)
     sock.bind(url)
     return sock
 
 
-def push(ctx: zmq.Context, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGER_MS) -> zmq.Socket:
+def push(ctx: zmq.Context, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGER_MS, keys: Keys | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.SNDBUF, KERNEL_BUFFER)
     sock.setsockopt(zmq.LINGER, linger_ms)
+    if keys is not None:
+        keys.secure_client(sock)
     sock.connect(url)
     return sock
+
+
+class Links:
+    """One role's ZeroMQ context and sockets; with `keys`, every link is CURVE-encrypted and authenticated."""
+
+    def __init__(self, keys: Keys | None = None):
+        self.ctx, self.keys = zmq.Context(), keys
+        self.auth = security.authenticator(self.ctx, keys) if keys is not None else None
+
+    def pull(self, url: str, hwm: int = RECV_HWM) -> zmq.Socket:
+        return pull(self.ctx, url, hwm, self.keys)
+
+    def push(self, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGER_MS) -> zmq.Socket:
+        return push(self.ctx, url, hwm, linger_ms, self.keys)
+
+    def close(self) -> None:
+        """After the role closed its sockets (a socket still lingering delays this, as with ctx.term)."""
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
 
 
 def send(sock: zmq.Socket, msg: Message, timeout_ms: int | None = None) -> None:
@@ -117,4 +143,4 @@ def recv(sock: zmq.Socket, timeout_ms: int | None = None) -> Message | None:
     return decode(frames)
 
 
-__all__ = ["Endpoint", "PeerTimeout", "WireError", "pull", "push", "send", "send_nowait", "recv"]
+__all__ = ["Endpoint", "Links", "PeerTimeout", "WireError", "pull", "push", "send", "send_nowait", "recv"]

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import zmq
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
@@ -213,9 +212,9 @@ class Worker:
     # ---- the loop
 
     def run(self) -> None:
-        ctx = zmq.Context()
-        inbox = transport.pull(ctx, self.topo.layers[self.index].bind_url(self.topo.bind_host))
-        outbox = transport.push(ctx, self.topo.downstream(self.index).connect_url(), linger_ms=self.timeout_ms)
+        links = transport.Links(self.topo.keys)
+        inbox = links.pull(self.topo.layers[self.index].bind_url(self.topo.bind_host))
+        outbox = links.push(self.topo.downstream(self.index).connect_url(), linger_ms=self.timeout_ms)
         handlers = {"train": self.on_train, "eval": self.on_eval}
         idle = transport.IdleClock(f"layer {self.index}", self.timeout_ms)
         try:
@@ -253,7 +252,7 @@ class Worker:
         finally:
             inbox.close()
             outbox.close()
-            ctx.term()
+            links.close()
 
 
 def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu", threads: int = 1,

@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +73,7 @@ def test_every_variant_gives_a_plausible_record_and_plots(tmp_path):
     assert wire["ok"] and wire["wire_ms"] > 0 and wire["compute_ms"] > 0 and wire["message_mb"] == round(2 * 16 * 32 * 4 / 2**20, 2)
     memory = [r for r in records if r["kind"] == "memory"]
     assert sorted((r["variant"], r["config"]["hwm"], r["config"]["microbatches"], r["config"]["steps"]) for r in memory) == [
-        ("bp-gpipe", 2, 1, 10), ("ff-pipeline", 1, 4, 10), ("ff-pipeline", 2, 4, 40)]
+        ("bp-gpipe", 2, 1, 10), ("ff-pipeline", 1, 4, 10), ("ff-pipeline", 2, 4, 40)]  # bp-gpipe: m=1, 10 // 1 steps
     assert bench["machine"]["cores"] >= 1 and bench["options"]["batch_size"] == 16
     md = (out / "bench.md").read_text()
     assert "| ff-pipeline | 2 | 2 |" in md and "Memory against batches in flight" in md and "The wire's share" in md
@@ -151,3 +155,33 @@ def test_peak_memory_separates_training_from_startup():
     if Path("/proc/self/clear_refs").exists():
         assert 24 < report["train_peak_rss_mb"] - report["rss_start_mb"] < 48
     del kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_bench_that_is_stopped_or_killed_leaves_no_process_behind(tmp_path, sig):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "ffpipe", "bench", "--synthetic", "--layers", "256,256", "--batch-size", "64",
+           "--steps", "100000", "--variants", "ff-pipeline", "--out", str(out)]
+    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _started_pids(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = _started_pids(out)
+        assert len(pids) == 5, "the pipeline did not start"
+        variant = _children(bench.pid)  # the benchrun process of the running variant
+        bench.send_signal(sig)
+        bench.wait(30)
+        deadline = time.monotonic() + 20  # the launcher drains for up to 10 s, then kills
+        while any(_alive(p) for p in pids + variant) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids + variant)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]

@@ -179,3 +179,31 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path):
     resumed, straight = checkpoint.load(out)["model"], checkpoint.load(tmp_path / "straight")["model"]
     for key in straight:
         assert_close(resumed[key], straight[key], msg=key)
+
+
+def test_pin_plan_gives_each_layer_its_own_core_while_cores_last(monkeypatch):
+    from ffpipe import launcher
+
+    monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: {2, 5})
+    assert launcher.pin_plan(2) == {"layer0": {2}, "layer1": {5}, "source": {2}, "sink": {5}}
+    plan = launcher.pin_plan(4)
+    assert [plan[f"layer{i}"] for i in range(4)] == [{2}, {5}, {2}, {5}] and plan["sink"] == {5}
+
+
+def test_a_pinned_pipeline_runs_each_layer_on_its_core(tmp_path, monkeypatch):
+    from ffpipe import launcher
+
+    out = tmp_path / "run"
+    seen = {}
+    original = launcher.Launcher._spawn
+
+    def spawn(self, role, index, device, flags):  # each child's affinity right after the launcher pinned it
+        child = original(self, role, index, device, flags)
+        seen[(role, index)] = os.sched_getaffinity(child.proc.pid)
+        return child
+
+    monkeypatch.setattr(launcher.Launcher, "_spawn", spawn)
+    _cli("run", *SMALL, "--layers", "16,16", "--epochs", "1", "--pin", "--out", out)
+    cores = sorted(os.sched_getaffinity(0))
+    assert seen[("layer", 0)] == {cores[0]} and seen[("layer", 1)] == {cores[1 % len(cores)]}
+    assert seen[("source", None)] == {cores[0]} and _summary(out)["accounting"]["complete"]
