@@ -39,7 +39,8 @@ class BenchOptions:
     max_epochs: int = 30
     negatives: str = "random"  # FF negatives in throughput runs; --to-accuracy uses the hinton recipe's hard ones
     seed: int = 0
-    timeout_s: float = 900.0  # per run
+    timeout_s: float = 900.0  # per throughput, memory or wire run
+    accuracy_timeout_s: float = 6 * 3600.0  # per --to-accuracy run (FF trains all of --max-epochs)
     pin: bool = False  # ff-pipeline: pin layer i to core i mod n (ffpipe run --pin)
     out: str = "bench"
 
@@ -60,18 +61,19 @@ class BenchOptions:
             raise ValueError("--to-accuracy takes accuracies in (0, 1], e.g. 0.93,0.98")
         if self.negatives not in ("random", "hard"):
             raise ValueError("--negatives must be random or hard")
-        if self.timeout_s <= 0:
-            raise ValueError("--timeout must be > 0")
+        if self.timeout_s <= 0 or self.accuracy_timeout_s <= 0:
+            raise ValueError("--timeout and --accuracy-timeout must be > 0")
 
 
 def _spec(o: BenchOptions, variant: str, kind: str, layers: tuple[int, ...], work: Path, **over) -> dict:
     spec = {
         "variant": variant, "kind": kind, "dataset": o.dataset, "data_dir": o.data_dir, "layers": list(layers),
         "batch_size": o.batch_size, "threads": o.threads, "device": "cuda" if o.devices.startswith("cuda") else "cpu",
-        "devices": o.devices, "steps": o.steps, "warmup": max(1, o.steps // 10), "microbatches": o.microbatches,
+        "devices": o.devices, "steps": o.steps, "microbatches": o.microbatches,
         "hwm": 2, "pin": o.pin, "negatives": o.negatives, "seed": o.seed, "to_accuracy": [], "max_epochs": o.max_epochs,
     }
     spec.update(over)
+    spec["warmup"] = max(1, spec["steps"] // 10)  # of this run's steps (a sweep may change them)
     tag = "-".join(str(x) for x in (kind, variant, f"L{len(layers)}", f"m{spec['microbatches']}", f"q{spec['hwm']}", f"s{spec['steps']}"))
     spec["work"] = str(work / tag)
     spec["record"] = str(work / tag / "record.json")
@@ -377,7 +379,7 @@ def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         for i, spec in enumerate(specs, 1):
-            r = run_one(spec, o.timeout_s)
+            r = run_one(spec, o.accuracy_timeout_s if spec["kind"] == "accuracy" else o.timeout_s)
             records.append(r)
             _report(r, _describe(spec, i, len(specs)), echo)
     finally:

@@ -185,3 +185,14 @@ def test_a_bench_that_is_stopped_or_killed_leaves_no_process_behind(tmp_path, si
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def test_every_planned_run_times_some_steps_after_its_warm_up():
+    from ffpipe.bench import plan
+
+    specs = plan(BenchOptions(steps=200, stages=(1, 4), in_flight=(1, 4, 16), to_accuracy=(0.9,)))
+    assert len(specs) == 5 * 3 + 1 + 7 + 5
+    for s in specs:
+        assert 1 <= s["warmup"] < s["steps"], s
+    gpipe = {s["microbatches"]: s["steps"] for s in specs if s["kind"] == "memory" and s["variant"] == "bp-gpipe"}
+    assert gpipe == {1: 200, 4: 50, 16: 12}  # about the same images per run at every m
