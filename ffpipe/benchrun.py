@@ -83,6 +83,32 @@ def _time_to(history: list[dict], targets: list[float], clock: str = "wall_s") -
     return out
 
 
+def timed_steps(spec: dict, step, n: int, gen: torch.Generator, device: torch.device) -> dict:
+    """A single-process variant's throughput run: `spec["steps"]` calls of step(batch indices) over shuffled
+    epochs of n images; the first `spec["warmup"]` untimed. Memory is counted from after the first step."""
+
+    def batches():
+        while True:
+            yield from batch_indices(n, spec["batch_size"], gen)
+
+    it, memory = batches(), PeakMemory()
+    for _ in range(spec["warmup"]):
+        step(next(it))
+        memory.training_starts()
+    sync(device)
+    clock, samples = Clock(), 0
+    for _ in range(spec["steps"] - spec["warmup"]):
+        idx = next(it)
+        step(idx)
+        samples += len(idx)
+    sync(device)
+    timing = clock.stop(samples)
+    proc = {**memory.report(), "busy": timing["busy"]}
+    if device.type == "cuda":
+        proc["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return {**timing, "processes": {"main": proc}}
+
+
 # ---------------------------------------------------------------- variants
 
 
@@ -105,27 +131,10 @@ def ff_inprocess(spec: dict, out: Path) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
 
-    def batches():
-        while True:
-            yield from batch_indices(len(data.train), cfg.batch_size, gen)
+    def step(idx):
+        inprocess.train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen)
 
-    it, memory = batches(), PeakMemory()
-    for _ in range(spec["warmup"]):
-        idx = next(it)
-        inprocess.train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen)
-        memory.training_starts()  # after the first step, as in every variant
-    sync(device)
-    clock, samples = Clock(), 0
-    for _ in range(spec["steps"] - spec["warmup"]):
-        idx = next(it)
-        inprocess.train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen)
-        samples += len(idx)
-    sync(device)
-    timing = clock.stop(samples)
-    proc = {**memory.report(), "busy": timing["busy"]}
-    if device.type == "cuda":
-        proc["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return {**timing, "processes": {"main": proc}}
+    return timed_steps(spec, step, len(data.train), gen, device)
 
 
 def ff_pipeline(spec: dict, out: Path) -> dict:
@@ -191,26 +200,7 @@ def bp_inprocess(spec: dict, out: Path) -> dict:
         return {"history": history, "time_to_accuracy_s": _time_to(history, spec["to_accuracy"]),
                 "processes": {"main": PeakMemory().report()}}
 
-    def batches():
-        while True:
-            yield from batch_indices(len(y_all), spec["batch_size"], gen)
-
-    it, memory = batches(), PeakMemory()
-    for _ in range(spec["warmup"]):
-        step(next(it))
-        memory.training_starts()
-    sync(device)
-    clock, samples = Clock(), 0
-    for _ in range(spec["steps"] - spec["warmup"]):
-        idx = next(it)
-        step(idx)
-        samples += len(idx)
-    sync(device)
-    timing = clock.stop(samples)
-    proc = {**memory.report(), "busy": timing["busy"]}
-    if device.type == "cuda":
-        proc["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return {**timing, "processes": {"main": proc}}
+    return timed_steps(spec, step, len(y_all), gen, device)
 
 
 def bp_pipelined(spec: dict, out: Path) -> dict:
