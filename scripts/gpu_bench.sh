@@ -7,11 +7,8 @@
 #   mkdir -p .whl && cp ../shared/wheels/pyzmq-*.whl .whl/
 # Then, with the device tool: run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=420)
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-results/bench-gpu}"
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source scripts/gpu_env.sh
 timeout 380 python3 -m ffpipe bench --synthetic --devices cuda --layers 4096,4096,4096,4096 --batch-size 1024 \
   --steps 100 --stages 1,2 --microbatches 4 --timeout 90 --out "$OUT" || echo "bench exited with $?"
 cat "$OUT/bench.md"

@@ -7,12 +7,8 @@
 #   cp ../shared/data/MNIST/raw/*.gz .gpu-data/MNIST/raw/
 # Then, with the device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".gpu-data"], timeout_s=540)
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-results/gpu}"
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, zmq; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zmq', zmq.__version__)"
+source scripts/gpu_env.sh
 EPOCHS="${EPOCHS:-10}"
 common=(--preset hinton --dataset mnist --data-dir .gpu-data --epochs "$EPOCHS" --eval-every 2 --quiet)
 timeout 200 python3 -m ffpipe run "${common[@]}" --devices cuda --out "$OUT/pipeline-cuda" 2>&1 | tail -5
