@@ -1,29 +1,90 @@
-"""Checkpoints: one file of tensors and plain values, written atomically, loaded with weights_only=True."""
+"""Checkpoints: one file of tensors and plain values, written atomically, loaded with weights_only=True.
+
+The file is a plain `torch.save` dict: {"format", "sha256", **payload}. "sha256" is a digest of the payload's
+content (see `digest`), so a flipped bit anywhere in a tensor, which torch.load itself does not notice, is
+refused at load. Files of the previous format (no digest) still load.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from pathlib import Path
 
 import torch
 
-FORMAT = "ffpipe-checkpoint-1"
+FORMAT = "ffpipe-checkpoint-2"
+FORMAT_V1 = "ffpipe-checkpoint-1"  # no digest; written before checksums, still loaded for old runs
 FILENAME = "checkpoint.pt"
+_META = ("format", "sha256")
 
 
 class CheckpointError(Exception):
     """A checkpoint is missing, corrupt or not an ffpipe checkpoint."""
 
 
+def digest(payload: dict) -> str:
+    """SHA-256 of the content: dict keys sorted; tensors as dtype, shape and raw bytes (on the CPU, contiguous);
+    plain values (None, bool, int, float, str, bytes) as type and repr; lists and tuples alike, element by element."""
+    h = hashlib.sha256()
+    _feed(h, payload)
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor {t.dtype} {list(obj.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"dict {len(obj)}\n".encode())
+        for key, value in sorted(obj.items(), key=lambda kv: _plain(kv[0])):
+            h.update(_plain(key))
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"list {len(obj)}\n".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(_plain(obj))
+
+
+def _plain(value) -> bytes:
+    if value is not None and not isinstance(value, (bool, int, float, str, bytes, torch.dtype)):
+        raise TypeError(f"checkpoints hold tensors, dicts, lists and plain values, not {type(value).__name__}")
+    return f"{type(value).__name__} {value!r}\n".encode()
+
+
 def save(path: Path, payload: dict) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
+    """Write to a temporary file of this process and thread in the same folder, fsync, rename, fsync the folder:
+    a reader never sees half a file, two writers never share a temporary file, and the rename survives a crash."""
+    assert not set(_META) & set(payload), f"{_META} are the checkpoint's own keys"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "sha256": digest(payload), **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Best effort: not every OS or file system lets a folder be opened and fsynced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def resolve(path: str | Path) -> Path:
@@ -40,6 +101,15 @@ def load(path: str | Path, map_location: str = "cpu") -> dict:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything torch.load raises means "unreadable"
         raise CheckpointError(f"{file}: corrupt or unreadable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, FORMAT_V1):
         raise CheckpointError(f"{file}: not an ffpipe checkpoint (format {FORMAT!r} expected)")
+    if payload["format"] == FORMAT:
+        stored = payload.get("sha256")
+        try:
+            actual = digest({k: v for k, v in payload.items() if k not in _META})
+        except TypeError as e:
+            raise CheckpointError(f"{file}: corrupt checkpoint ({e})") from e
+        if stored != actual:
+            raise CheckpointError(f"{file}: checksum mismatch: the file is corrupt (sha256 {str(stored)[:16]}... "
+                                  f"stored, {actual[:16]}... computed)")
     return payload
