@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -95,6 +97,10 @@ def run(
     pin: Annotated[bool, typer.Option("--pin", help="Pin layer i to core i mod n (source with layer 0, sink with the last layer); Linux.", rich_help_panel=_PANEL_PIPE)] = False,
     bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder (its config; flags such as --epochs still override).", rich_help_panel=_PANEL_RUN)] = None,
+    restart: Annotated[str, typer.Option(help="Pipeline: no, or on-failure (a role that dies is started again from its checkpoint and the source resends what was lost).", envvar="FFPIPE_RESTART", rich_help_panel=_PANEL_PIPE)] = "no",
+    max_restarts: Annotated[int, typer.Option(help="With --restart on-failure: restarts allowed per role.", rich_help_panel=_PANEL_PIPE)] = 3,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Pipeline: train batches between a layer's checkpoints (a crash loses and replays at most this many).", rich_help_panel=_PANEL_PIPE)] = None,
+    retransmit_after: Annotated[Optional[float], typer.Option(help="Pipeline: seconds without progress after which the source resends what the sink has not confirmed.", rich_help_panel=_PANEL_PIPE)] = None,
     resume_role: Annotated[bool, typer.Option("--resume-role", hidden=True, help="Set by the launcher: this role continues from its checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=_PANEL_RUN)] = False,
 ) -> None:
@@ -105,13 +111,15 @@ def run(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
         train_size=train_size, shift=shift, flip=flip, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
         predict=predict, skip_first=skip_first, eval_every=eval_every, seed=seed, device=device, threads=threads,
-        out=str(out) if out else None,
+        out=str(out) if out else None, checkpoint_every=checkpoint_every, retransmit_s=retransmit_after,
     )
     nested = dict(
         layer=dict(norm=norm, goodness=goodness, threshold=threshold, loss=loss, peer_norm=peer_norm),
         optim=dict(lr=lr, name=optimizer, schedule=lr_schedule),
     )
     try:
+        if restart not in ("no", "on-failure"):
+            raise ValueError(f"--restart must be no or on-failure; got {restart!r}")
         if resume is not None:
             if config_file is not None:
                 raise ValueError("--resume reads the run's own config; drop --config")
@@ -153,7 +161,7 @@ def run(
             from ffpipe import security
 
             launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None, pin=pin,
-                   keys=security.load(keys) if keys else None)
+                   keys=security.load(keys) if keys else None, restart=restart, max_restarts=max_restarts)
     except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError) as e:
         raise _fail(str(e)) from None
     except OSError as e:
@@ -203,6 +211,11 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
         run_sink(cfg, topo, out, show_progress=not quiet, resume=resume)
     else:
         raise ValueError(f"--role must be source, layer or sink; got {role!r}")
+    # The role's files are written and its sockets closed. Skip the interpreter's teardown, which takes seconds
+    # with torch loaded (and more on a busy machine): a stopping pipeline should be gone at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command("eval")

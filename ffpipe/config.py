@@ -102,6 +102,8 @@ class RunConfig:
     threads: int = 0  # torch threads; 0 = one per core
     eval_every: int = 1  # epochs between evaluations (0 = only at the end)
     log_every: int = 100  # batches between metrics.jsonl records
+    checkpoint_every: int = 100  # pipeline: train batches between a layer's checkpoints (what a restart loses at most)
+    retransmit_s: float = 10.0  # pipeline: the source resends what the sink has not confirmed after this long
     out: str = "runs/latest"
 
     def __post_init__(self):
@@ -123,6 +125,8 @@ class RunConfig:
         _positive("threads", self.threads, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)
         _positive("log_every", self.log_every)
+        _positive("checkpoint_every", self.checkpoint_every)
+        _positive("retransmit_s", self.retransmit_s)
         if self.schedule == "greedy" and self.uses_readout:
             raise ValueError("the greedy schedule trains no readout: use --negatives random and --predict goodness with it")
         try:

@@ -3,7 +3,9 @@
 It owns no sockets. It picks free loopback ports, writes run.json, and starts every role as
 `python -m ffpipe run --role ...` with the same config file. Ctrl-C or SIGTERM becomes an in-band stop: the
 source stops sending batches and sends `stop`, which checkpoints each layer on its way to the sink. A child
-that dies makes the launcher stop the rest and fail with one line naming it. Children die with the launcher.
+that dies makes the launcher stop the rest and fail with one line naming it; with `restart="on-failure"` it
+is started again from its checkpoint instead (up to `max_restarts` times per role), and the source resends
+what the crash lost. Children die with the launcher.
 """
 
 from __future__ import annotations
@@ -84,7 +86,13 @@ def die_with_launcher(variable: str = "FFPIPE_LAUNCHER_PID") -> None:
 
 class Launcher:
     def __init__(self, cfg: RunConfig, data: Data, devices: list[str], threads: int, show_progress: bool = True,
-                 resume: bool = False, pin: bool = False, keys=None):
+                 resume: bool = False, pin: bool = False, keys=None, restart: str = "no", max_restarts: int = 3):
+        if restart not in ("no", "on-failure"):
+            raise ValueError(f"--restart must be no or on-failure; got {restart!r}")
+        if max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0; got {max_restarts}")
+        self.restart, self.max_restarts = restart, max_restarts
+        self.restarts: dict[str, int] = {}
         self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads
         self.keys = keys
         self.cores = pin_plan(len(cfg.layers)) if pin else {}
@@ -96,6 +104,8 @@ class Launcher:
 
     def _spawn(self, role: str, index: int | None, device: str, flags: list[str]) -> Child:
         cmd = [sys.executable, "-m", "ffpipe", "run", "--role", role, *flags]
+        if self.restarts.get(role if index is None else f"{role} {index}") and "--resume-role" not in cmd:
+            cmd.append("--resume-role")  # a restart continues from the role's checkpoint
         if index is not None:
             cmd += ["--index", str(index)]
         if role == "layer":
@@ -133,17 +143,14 @@ class Launcher:
         flags = ["--config", str(self.out / "config.json"), "--out", str(self.out), *topo.as_flags()]
         if self.resume:
             flags.append("--resume-role")
+        self.flags, self.topo = flags, topo
         # downstream first: nothing depends on it, but it makes the first batches flow without retries
         self.children.append(self._spawn("sink", None, "cpu", flags))
         for i in reversed(range(len(cfg.layers))):
             self.children.append(self._spawn("layer", i, self.devices[i], flags))
         self.children.append(self._spawn("source", None, "cpu", flags))
-        endpoints = {"source": str(topo.source), "sink": str(topo.sink), **{f"layer {i}": str(e) for i, e in enumerate(topo.layers)}}
-        write_json(self.out / "run.json", {
-            "mode": "pipeline", "launcher_pid": os.getpid(), "started_at": time.time(), "topology": topo.to_dict(),
-            "processes": [{"role": c.role, "index": c.index, "pid": c.proc.pid, "device": c.device, "endpoint": endpoints.get(c.name)}
-                          for c in self.children],
-        })
+        self.started_at = time.time()
+        self._write_run_json()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._watch()
@@ -152,7 +159,22 @@ class Launcher:
                 signal.signal(s, handler)
             self._kill_all()
         self.assemble_checkpoint()
-        return json.loads((self.out / "summary.json").read_text())
+        summary = json.loads((self.out / "summary.json").read_text())
+        if self.restart != "no":
+            summary["restarts"] = self.restarts
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+    def _write_run_json(self) -> None:
+        """Every process of the run (rewritten when one is restarted, with its new pid)."""
+        topo = self.topo
+        endpoints = {"source": str(topo.source), "sink": str(topo.sink), **{f"layer {i}": str(e) for i, e in enumerate(topo.layers)}}
+        write_json(self.out / "run.json", {
+            "mode": "pipeline", "launcher_pid": os.getpid(), "started_at": self.started_at, "topology": topo.to_dict(),
+            "restart": self.restart, "restarts": self.restarts,
+            "processes": [{"role": c.role, "index": c.index, "pid": c.proc.pid, "device": c.device, "endpoint": endpoints.get(c.name)}
+                          for c in self.children],
+        })
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested_at is None:
@@ -166,11 +188,20 @@ class Launcher:
 
     def _watch(self) -> None:
         while True:
-            for c in self.children:
+            for k, c in enumerate(self.children):
                 rc = c.proc.poll()
                 if rc is not None and rc != 0:
                     what = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-                    raise PipelineError(f"{c.name} (pid {c.proc.pid}) died: {what}; stopped the rest")
+                    done = self.restarts.get(c.name, 0)
+                    if self.restart == "on-failure" and self.stop_requested_at is None and done < self.max_restarts:
+                        self.restarts[c.name] = done + 1
+                        print(f"ffpipe: {c.name} (pid {c.proc.pid}) died: {what}; restarting it from its checkpoint "
+                              f"(restart {done + 1} of {self.max_restarts})", file=sys.stderr, flush=True)
+                        self.children[k] = self._spawn(c.role, c.index, c.device, self.flags)
+                        self._write_run_json()
+                        continue
+                    after = f" after {done} restart{'s' if done != 1 else ''}" if done else ""
+                    raise PipelineError(f"{c.name} (pid {c.proc.pid}) died: {what}{after}; stopped the rest")
             if all(c.proc.poll() == 0 for c in self.children):
                 summary = self.out / "summary.json"
                 interrupted = not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True)
@@ -226,5 +257,6 @@ def pin_plan(num_layers: int) -> dict[str, set[int]]:
 
 
 def launch(cfg: RunConfig, data: Data, devices: str = "cpu", threads: int = 1, show_progress: bool = True,
-           resume: bool = False, pin: bool = False, keys=None) -> dict:
-    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress, resume, pin, keys).run()
+           resume: bool = False, pin: bool = False, keys=None, restart: str = "no", max_restarts: int = 3) -> dict:
+    return Launcher(cfg, data, resolve_devices(devices, len(cfg.layers)), threads, show_progress, resume, pin, keys,
+                    restart, max_restarts).run()

@@ -20,6 +20,11 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
 
+    def flush(self) -> int:
+        """Flush to the OS; returns the file's length (where a restarted writer continues)."""
+        self._file.flush()
+        return self._file.tell()
+
     def close(self) -> None:
         self._file.close()
 

@@ -1,11 +1,18 @@
 """The sink role: the end of the pipeline. Accuracy, metrics, the readout, progress and the run summary.
 
 Sockets: PULL, binds the sink address (the last layer's outputs, with every layer's metrics in-band).
-         PUSH, connects to the source (readout beliefs for hard negatives; only with hard negatives).
+         PUSH, connects to the source (acknowledgements; readout beliefs for hard negatives).
 
 Every message the source sent is accounted for here: train batches (with each layer's loss and goodness in
 their scalars), evaluation batches (per-label goodness summed by the layers on the way), and the stop
 message, which carries each role's counts and peak memory.
+
+The sink takes the stream in order, each stream number once: a number it has already taken is a duplicate
+(the source resending), one past a gap is dropped and the gap reported to the source, which resends. It
+confirms what it has taken (`next`) a few times a second, and what is durable: when every layer's
+checkpoint has moved on (the layers report it in-band), and after each evaluation round, it saves its own
+state (sink.pt: readout, counts, history, the length of metrics.jsonl) and confirms `durable_next` and
+`durable_batch`, below which the source can forget. A restarted sink continues from sink.pt.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
 
 POLL_MS = 250
+ACK_EVERY_S = 0.2  # how often the sink confirms progress to the source
+GAP_REPORT_S = 1.0  # at most one gap report per this long for the same missing message
+STATE = "sink.pt"
 
 
 class Sink:
@@ -53,23 +63,77 @@ class Sink:
         self.stopping = False
         self.show_progress = show_progress
         self.resume = resume
+        self.expected = 0  # the stream number the sink takes next
+        self.last_batch = 0  # the last train batch number taken
+        self.durable_next, self.durable_batch = 0, 0  # what sink.pt and every layer checkpoint hold
+        self.layers_durable = 0
+        self.duplicates = self.out_of_order = 0
+        self.metrics_bytes = 0  # length of metrics.jsonl when sink.pt was saved
+        self.wall_before = 0.0  # wall time of the run before this process (restart, resume)
+        self.ack_at = float("-inf")
+        self.gap_reported: tuple[int, float] = (-1, float("-inf"))
+        self.heard: dict[str, tuple[float, dict]] = {}  # role -> (when its last heartbeat came, what it said)
+        self.silent: set[str] = set()
+        self.silences: dict[str, list[float]] = {}  # role -> how long each silence lasted
         if resume:
             self._load()
 
     def _load(self) -> None:
-        """Continue a stopped run: its readout, evaluation history and times to accuracy."""
-        path = self.out / "readout.pt"
-        if path.is_file():
-            payload = checkpoint.load(path)
-            w = payload["readout"]["weight"]
-            self.readout = nn.Linear(w.shape[1], w.shape[0], bias=False)
-            self.readout.load_state_dict(payload["readout"])
-            self.readout_opt = make_optimizer(self.readout.parameters(), self.cfg.readout_optim)
-            self.readout_opt.load_state_dict(payload["optimizer"])
-        summary = self.out / "summary.json"
-        if summary.is_file():
-            previous = json.loads(summary.read_text())
-            self.history, self.time_to = previous.get("history", []), previous.get("time_to_accuracy_s", {})
+        """Continue a stopped or crashed run from sink.pt: the stream position, counts, readout, history."""
+        path = self.out / STATE
+        if not path.is_file():
+            return
+        p = checkpoint.load(path)
+        try:
+            if p["readout"] is not None:
+                w = p["readout"]["weight"]
+                self.readout = nn.Linear(w.shape[1], w.shape[0], bias=False)
+                self.readout.load_state_dict(p["readout"])
+                self.readout_opt = make_optimizer(self.readout.parameters(), self.cfg.readout_optim)
+                self.readout_opt.load_state_dict(p["optimizer"])
+            self.expected, self.last_batch = p["expected"], p["last_batch"]
+            self.durable_next, self.durable_batch, self.layers_durable = p["expected"], p["durable_batch"], p["durable_batch"]
+            self.received, self.samples, self.epoch = dict(p["received"]), p["samples"], p["epoch"]
+            self.history, self.time_to, self.rounds = list(p["history"]), dict(p["time_to"]), dict(p["rounds"])
+            self.metrics_bytes, self.wall_before = p["metrics_bytes"], p["wall_s"]
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(f"{path}: does not match this run ({type(e).__name__}: {e})") from e
+
+    def _save(self, metrics: MetricsWriter) -> None:
+        """sink.pt, atomically; from now on the source may forget what it holds."""
+        self.metrics_bytes = metrics.flush()
+        checkpoint.save(self.out / STATE, {
+            "config": self.cfg.to_json(), "expected": self.expected, "last_batch": self.last_batch,
+            "durable_batch": self.layers_durable, "received": self.received, "samples": self.samples, "epoch": self.epoch,
+            "history": self.history, "time_to": self.time_to, "rounds": self.rounds, "metrics_bytes": self.metrics_bytes,
+            "wall_s": self.elapsed(),
+            "readout": self.readout.state_dict() if self.readout is not None else None,
+            "optimizer": self.readout_opt.state_dict() if self.readout_opt is not None else None,
+        })
+        self.durable_next, self.durable_batch = self.expected, self.layers_durable
+
+    def elapsed(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    def _ack(self, control: zmq.Socket, force: bool = False, **flags) -> None:
+        """Tell the source what the sink has taken and what is durable (advisory: dropped if its queue is full)."""
+        now = time.monotonic()
+        if not force and now - self.ack_at < ACK_EVERY_S:
+            return
+        self.ack_at = now
+        scalars = {"next": self.expected, "durable_next": self.durable_next, "durable_batch": self.durable_batch, **flags}
+        try:
+            transport.send_nowait(control, Message("ack", 0, 0, scalars))
+        except transport.PeerTimeout:
+            pass
+
+    def _gap(self, control: zmq.Socket) -> None:
+        """A message is missing: ask the source to resend (once per GAP_REPORT_S for the same one)."""
+        now = time.monotonic()
+        if self.gap_reported[0] == self.expected and now - self.gap_reported[1] < GAP_REPORT_S:
+            return
+        self.gap_reported = (self.expected, now)
+        self._ack(control, force=True, gap=True)
 
     # ---- readout (trained here, on the features the layers appended)
 
@@ -153,7 +217,7 @@ class Sink:
         del self.rounds[int(s["round"])]
         goodness_acc, readout_acc = r["correct"] / r["n"], r["readout_correct"] / r["n"]
         accuracy = readout_acc if self.cfg.predict == "readout" else goodness_acc
-        elapsed = time.perf_counter() - self.t0
+        elapsed = self.elapsed()
         record = {"epoch": int(s["round"]), "accuracy": accuracy, "split": s["split"], "wall_s": round(elapsed, 2), "samples": r["n"]}
         if self.cfg.uses_readout and self.cfg.predict != "readout":
             record["readout_accuracy"] = readout_acc
@@ -176,44 +240,124 @@ class Sink:
 
     # ---- the loop
 
+    def _heartbeat(self, msg: Message) -> None:
+        role = msg.scalars.get("role")
+        if not isinstance(role, str) or not (role == "source" or role.startswith("layer ")) or len(self.heard) > 64 and role not in self.heard:
+            raise ValueError(f"a heartbeat needs a role, source or layer N; got {role!r}")
+        now = time.monotonic()
+        if role in self.silent:
+            quiet = now - self.heard[role][0]
+            self.silences.setdefault(role, []).append(round(quiet, 1))
+            self.silent.discard(role)
+            print(f"ffpipe sink: {role} is back after {quiet:.1f}s", flush=True)
+        self.heard[role] = (now, msg.scalars)
+
+    def _check_silence(self) -> None:
+        """Report each role (that has beaten once) not heard from for SILENT_S, once per silence."""
+        now = time.monotonic()
+        for role, (at, said) in self.heard.items():
+            if role not in self.silent and now - at > transport.SILENT_S:
+                self.silent.add(role)
+                print(f"ffpipe sink: nothing from {role} (pid {said.get('pid')}) for {now - at:.1f}s; "
+                      f"it was {said.get('state', 'unknown')}", flush=True)
+
+    def _validate(self, msg: Message) -> None:
+        """Refuse a malformed train or eval message before it can touch the stream position."""
+        y, classes = self._labels(msg)
+        s, t = msg.scalars, msg.tensors
+        if msg.kind == "train":
+            if not isinstance(s.get("batch"), int) or isinstance(s.get("batch"), bool) or s["batch"] < 1:
+                raise ValueError(f"train message needs a positive integer batch, got {s.get('batch')!r}")
+            width = sum(self.cfg.layers[self.cfg.first_readout :])
+            if "feats" in t and (t["feats"].dtype != torch.float32 or t["feats"].shape != (len(y), width)):
+                raise ValueError(f"feats must be float32 ({len(y)}, {width}), got {t['feats'].dtype} {tuple(t['feats'].shape)}")
+        elif msg.kind == "eval":
+            if t["goodness"].shape != (len(y), classes) or not all(isinstance(s.get(k), int) for k in ("round", "batches")):
+                raise ValueError("eval message needs goodness (B, C) and integer round and batches")
+        else:
+            raise ValueError(f"the sink does not take {msg.kind!r} messages")
+
+    def _take(self, msg: Message, metrics: MetricsWriter, control: zmq.Socket, progress: RunProgress) -> None:
+        """The next message of the stream: train or evaluate, then save and confirm what became durable."""
+        if msg.kind == "train":
+            self.on_train(msg, metrics, control if self.cfg.negatives == "hard" else None, progress)
+            self.last_batch = msg.scalars["batch"]
+            self.expected += 1
+            durable = [msg.scalars.get(f"durable.{i}") for i in range(len(self.cfg.layers))]
+            if all(isinstance(d, int) for d in durable) and min(durable) > self.layers_durable:
+                self.layers_durable = min(durable)
+                self._save(metrics)
+                self._ack(control, force=True)
+        else:
+            rounds = len(self.history)
+            self.on_eval(msg, metrics, progress)
+            self.expected += 1
+            if len(self.history) > rounds:  # a round completed: keep it
+                self._save(metrics)
+                self._ack(control, force=True)
+
     def run(self) -> dict:
         cfg = self.cfg
         links = transport.Links(self.topo.keys)
         inbox = links.pull(self.topo.sink.bind_url(self.topo.bind_host))
-        beliefs = links.push(self.topo.source.connect_url(), hwm=64, linger_ms=0) if cfg.negatives == "hard" else None
+        control = links.push(self.topo.source.connect_url(), hwm=64, linger_ms=2000)
         self.t0 = time.perf_counter()
         stop: Message | None = None
-        idle = transport.IdleClock("sink", self.timeout_ms)
+        traffic_at = time.monotonic()  # the last message other than a heartbeat
         total = None
         progress = RunProgress(1, enabled=self.show_progress)
+        metrics_path = self.out / "metrics.jsonl"
+        if self.resume and metrics_path.is_file():  # drop records written after sink.pt: they come again
+            with open(metrics_path, "r+b") as f:
+                f.truncate(min(self.metrics_bytes, f.seek(0, 2)))
         try:
-            with MetricsWriter(self.out / "metrics.jsonl", append=self.resume) as metrics, progress:
+            with MetricsWriter(metrics_path, append=self.resume) as metrics, progress:
                 while stop is None and not self.stopping:
                     try:
                         msg = transport.recv(inbox, POLL_MS)
                     except WireError as e:
                         self._reject(str(e)[:120])
                         continue
+                    self._check_silence()
+                    self._ack(control)
+                    if time.monotonic() - traffic_at > self.timeout_ms / 1000:
+                        raise transport.PeerTimeout(f"sink: nothing received for {self.timeout_ms / 1000:g}s")
                     if msg is None:
-                        idle.tick(POLL_MS)
                         continue
-                    idle.reset()
                     try:
-                        if msg.kind == "train":
-                            if total is None and isinstance(msg.scalars.get("total"), int):
-                                total = msg.scalars["total"]
-                                progress.set_total(total)
-                            self.on_train(msg, metrics, beliefs, progress)
-                        elif msg.kind == "eval":
-                            self.on_eval(msg, metrics, progress)
+                        if msg.kind == "heartbeat":  # a sign of life, not traffic
+                            self._heartbeat(msg)
+                            continue
+                        traffic_at = time.monotonic()
+                        if msg.kind == "gap":  # a layer dropped batches after a gap: resend from where the sink is
+                            self._gap(control)
                         elif msg.kind == "stop":
-                            stop = msg
+                            if msg.seq == self.expected or msg.scalars.get("source.interrupted") is True:
+                                stop = msg
+                            else:
+                                self._gap(control)
+                        else:
+                            self._validate(msg)
+                            if msg.seq < self.expected:
+                                self.duplicates += 1
+                            elif msg.seq > self.expected:
+                                self.out_of_order += 1
+                                self._gap(control)
+                            else:
+                                if total is None and msg.kind == "train" and isinstance(msg.scalars.get("total"), int):
+                                    total = msg.scalars["total"]
+                                    progress.set_total(total)
+                                    progress.advance(self.received["train"])
+                                self._take(msg, metrics, control, progress)
                     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
                         self._reject(f"{msg.kind}: {type(e).__name__}: {e}"[:120])
+                    self._ack(control)
+                if stop is not None:
+                    self._save(metrics)
+                    self._ack(control, force=True, stopped=True)
         finally:
             inbox.close()
-            if beliefs is not None:
-                beliefs.close()
+            control.close()
             links.close()
         summary = self.summary(stop)
         if self.readout is not None:
@@ -229,17 +373,28 @@ class Sink:
         final = next((h for h in reversed(self.history) if h["split"] == "test"), None)
         last = self.history[-1] if self.history else None
         train_s = (self.t_last - self.t_first) if self.t_first is not None else 0.0
+        applied = [s.get(f"layer{i}.applied") for i in layers]
+        sent = s.get("source.sent_train")
+        stream_complete = stop is not None and stop.seq == self.expected
         accounting = {
-            "sent_train": s.get("source.sent_train"), "sent_eval": s.get("source.sent_eval"),
+            "sent_train": sent, "sent_eval": s.get("source.sent_eval"),  # the whole run's, over resumes and restarts
+            "sent_train_now": s.get("source.sent_train_now"),  # by this source process
             "received_train": self.received["train"], "received_eval": self.received["eval"],
-            "applied": [s.get(f"layer{i}.applied") for i in layers],
+            "applied": applied,  # per layer: batches in its weights (its checkpoints' lineage), each applied once
+            "lost": {f"layer{i}": sent - a for i, a in enumerate(applied)} if isinstance(sent, int) and None not in applied else None,
+            "applied_twice": {f"layer{i}": s.get(f"layer{i}.applied") - s.get(f"layer{i}.last_batch") for i in layers
+                              if isinstance(s.get(f"layer{i}.last_batch"), int)},
+            "resent": s.get("source.resent"), "retransmissions": s.get("source.retransmissions"),
+            "replayed": {f"layer{i}": s.get(f"layer{i}.replayed") for i in layers},  # resent batches forwarded, not applied
+            "out_of_order": {**{f"layer{i}": s.get(f"layer{i}.out_of_order") for i in layers}, "sink": self.out_of_order},
+            "duplicates": self.duplicates,
             "rejected": {**{f"layer{i}": s.get(f"layer{i}.rejected") for i in layers}, "sink": sum(self.rejected.values())},
             "rejected_reasons": {**{f"layer{i}": s.get(f"layer{i}.rejected_reasons") for i in layers if s.get(f"layer{i}.rejected_reasons")},
                                  **({"sink": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())} if self.rejected else {})},
-            "complete": stop is not None and s.get("source.sent_train") == self.received["train"]
+            "complete": stream_complete and sent == self.received["train"] == self.last_batch
                         and s.get("source.sent_eval") == self.received["eval"]
-                        and all((s.get(f"layer{i}.applied_now") or 0) + (s.get(f"layer{i}.replayed") or 0) == self.received["train"]
-                                for i in layers),
+                        and all(a == sent for a in applied)
+                        and all(s.get(f"layer{i}.last_batch") == sent for i in layers),
         }
         peak = {"source": s.get("source.peak_rss_mb"), **{f"layer{i}": s.get(f"layer{i}.peak_rss_mb") for i in layers},
                 "sink": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -263,6 +418,8 @@ class Sink:
             "cpu_s": {"source": s.get("source.cpu_s"), **{f"layer{i}": s.get(f"layer{i}.cpu_s") for i in layers},
                       "sink": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)},
             "devices": {f"layer{i}": s.get(f"layer{i}.device") for i in layers},
+            "heartbeats": {"every_s": transport.HEARTBEAT_S, "silent_after_s": transport.SILENT_S,
+                           "roles_heard": sorted(self.heard), "silences_s": self.silences},
             "threads": cfg.threads or 1,
             "history": self.history,
             "config": cfg.to_dict(),

@@ -1,25 +1,34 @@
 """The source role: dataset -> numbered batches of positives and negatives, evaluation batches, then stop.
 
 Sockets: PUSH, connects to layer 0 (batches flow downstream).
-         PULL, binds the source address (beliefs flow back from the sink; only with hard negatives).
+         PULL, binds the source address (the sink's acknowledgements, and its beliefs for hard negatives).
 
 Batches are drawn exactly as the in-process trainer draws them (same permutation and random negatives
 from the same generator), so a pipelined run with random negatives applies the very same updates. Hard
 negatives come from the sink's readout belief about each training image, sent back as it is computed; a
 batch uses the newest belief the source has received (from the image's previous epoch, since the pipeline
 runs ahead of the sink).
+
+Nothing is lost: every message of the run has a stream number (`seq`, contiguous over train and eval
+messages). The source keeps the recipe of each message it sent (indices, wrong labels, augmented images)
+until the sink confirms that it, and every layer's checkpoint, hold it ("durable"). When the sink reports a
+gap, or confirms nothing for `retransmit_s`, the source sends everything it still keeps again, in order
+(go-back-N): a layer applies a batch only if it is the next one it needs and forwards the ones it has learned
+from already, and the sink takes each stream number once. A restarted source starts again after the
+batches that every layer and the sink hold in their checkpoints.
 """
 
 from __future__ import annotations
 
+import collections
 import resource
 import signal
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import zmq
-
-from pathlib import Path
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
@@ -29,10 +38,26 @@ from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
 
 EVAL_BATCH = 250  # images per evaluation message (each carries every label: EVAL_BATCH x C rows)
+POLL_MS = 100  # how often a blocked or waiting source looks at the sink's acknowledgements
+STOP_DRAIN_S = 3.0  # after a stop request, how long the source waits for what is in flight to be confirmed
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Sent:
+    """What the source needs to send a message again: a few indices and labels, not the tensors."""
+
+    seq: int
+    kind: str  # "train" or "eval"
+    epoch: int  # train: the epoch (0-based); eval: the round (epochs completed)
+    batch: int = 0  # train: the batch number, 1, 2, ... over the whole run
+    idx: torch.Tensor | None = None  # train: which training images
+    neg: torch.Tensor | None = None  # train: their wrong labels
+    images: torch.Tensor | None = None  # train, with augmentation: the augmented uint8 images
+    part: int = 0  # eval: which slice of the evaluation split
 
 
 class Source:
@@ -40,19 +65,40 @@ class Source:
         if cfg.schedule != "joint":
             raise ValueError("the pipeline trains every layer on every batch: use --schedule joint (greedy is in-process only)")
         self.cfg, self.data, self.topo = cfg, data, topo
-        self.timeout_ms = int(peer_timeout_s * 1000)
+        self.timeout_s = peer_timeout_s
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.mean, self.std = input_stats(data, cfg.standardize)
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
         self.stopping = False
-        self.seq = 0
-        self.sent = {"train": 0, "eval": 0}
-        self.skip = skip  # train batches already applied by every layer (resume): drawn again, not sent
+        self.skip = skip  # train batches every layer and the sink hold already (restart, resume): drawn, not sent
+        self.seq = 0  # the stream number of the next message of the run
+        self.per_epoch = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
+        self.total = cfg.epochs * self.per_epoch
+        # kept until durable; the window bounds them: two checkpoint intervals plus what a pipeline holds in flight
+        self.pending: collections.deque[Sent] = collections.deque()
+        self.window = 2 * cfg.checkpoint_every + 64
+        self.confirmed = 0  # the sink holds every message below this stream number
+        self.progress_at = time.monotonic()  # when `confirmed` last moved (or the source last resent)
+        self.resent_at = float("-inf")
+        self.resent_from = -1
+        self.stop_confirmed = False
+        self.resend_due = False
+        self.backoff = 1  # doubles after each resend on a timeout that brought no progress (a stall, not a loss)
+        self.last_batch = skip  # the highest train batch number in the stream so far
+        self.sent = {"train": 0, "eval": 0, "resent": 0, "retransmissions": 0}
+        self.state = "sending"  # for the heartbeat: sending, or waiting (for the sink to confirm)
+        self.heard_at = time.monotonic()  # the sink's last acknowledgement (its heartbeat, for the source)
+        self.sink_silent = False
+
+    # ---- what the stream holds
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         return prepare_inputs(images, self.mean, self.std, self.cfg.standardize)
 
-    def _augmented(self, idx: torch.Tensor) -> torch.Tensor:
+    def _augmented(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The batch's images after augmentation, or None when augmentation is off (the dataset's own)."""
+        if not self.cfg.shift and not self.cfg.flip:
+            return None
         return augment(self.data.train.x[idx], self.cfg.shift, self.cfg.flip, self.gen)
 
     def _negatives(self, idx: torch.Tensor) -> torch.Tensor:
@@ -61,17 +107,33 @@ class Source:
             return ff.hard_wrong_labels(self.beliefs[idx], labels, self.gen)
         return ff.random_wrong_labels(labels, self.data.num_classes, self.gen)
 
-    def train_message(self, epoch: int, idx: torch.Tensor, total: int, batch: int) -> Message:
+    def stream(self):
+        """Every message of the run in order, as recipes, drawn lazily (hard negatives use the newest beliefs).
+        Batches up to `skip` and the evaluations before them are drawn the same way and numbered, but not yielded."""
+        cfg, batch = self.cfg, 0
+        for epoch in range(cfg.epochs):
+            for idx in batch_indices(len(self.data.train), cfg.batch_size, self.gen):
+                batch += 1
+                images, neg = self._augmented(idx), self._negatives(idx)  # in this order, as the in-process trainer
+                if batch > self.skip:
+                    yield Sent(self.seq, "train", epoch, batch, idx, neg, images)
+                self.seq += 1
+            if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                for part in range(self.eval_batches()):
+                    if (epoch + 1) * self.per_epoch >= self.skip:  # else the run went past this evaluation before
+                        yield Sent(self.seq, "eval", epoch + 1, part=part)
+                    self.seq += 1
+
+    def train_message(self, s: Sent) -> Message:
         cfg, c = self.cfg, self.data.num_classes
-        labels = self.data.train.y[idx]
-        x = self._inputs(self._augmented(idx))
+        labels = self.data.train.y[s.idx]
+        x = self._inputs(self.data.train.x[s.idx] if s.images is None else s.images)
         value = label_value(x, cfg.label_value)
-        neg = self._negatives(idx)
-        tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, neg, c, value), "y": labels, "idx": idx}
+        tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, s.neg, c, value), "y": labels, "idx": s.idx}
         if cfg.uses_readout:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
-            tensors["feats"] = torch.empty(len(idx), 0)
-        return Message("train", self.seq, epoch, {"total": total, "classes": c, "batch": batch}, tensors)
+            tensors["feats"] = torch.empty(len(s.idx), 0)
+        return Message("train", s.seq, s.epoch, {"total": self.total, "classes": c, "batch": s.batch}, tensors)
 
     @property
     def eval_split(self):
@@ -80,101 +142,190 @@ class Source:
     def eval_batches(self) -> int:
         return (len(self.eval_split[0]) + EVAL_BATCH - 1) // EVAL_BATCH
 
-    def eval_messages(self, epoch: int):
-        """One evaluation round, built one message at a time (each holds every label of EVAL_BATCH images)."""
+    def eval_message(self, s: Sent) -> Message:
+        """One slice of an evaluation round (EVAL_BATCH images, each with every label)."""
         cfg, c = self.cfg, self.data.num_classes
         split, name = self.eval_split
-        starts = range(0, len(split), EVAL_BATCH)
-        for k, i in enumerate(starts):
-            images, labels = split.x[i : i + EVAL_BATCH], split.y[i : i + EVAL_BATCH]
-            x = self._inputs(images)
-            value = label_value(x, cfg.label_value)
-            tensors = {"x_all": ff.overlay_all_labels(x, c, value), "goodness": torch.zeros(len(labels), c), "y": labels}
-            if cfg.uses_readout:
-                tensors["x_neu"] = ff.overlay(x, None, c, value)
-                tensors["feats"] = torch.empty(len(labels), 0)
-            scalars = {"split": name, "round": epoch, "batches": len(starts), "part": k, "classes": c, "final": epoch == cfg.epochs}
-            yield Message("eval", 0, epoch, scalars, tensors)
+        i = s.part * EVAL_BATCH
+        images, labels = split.x[i : i + EVAL_BATCH], split.y[i : i + EVAL_BATCH]
+        x = self._inputs(images)
+        value = label_value(x, cfg.label_value)
+        tensors = {"x_all": ff.overlay_all_labels(x, c, value), "goodness": torch.zeros(len(labels), c), "y": labels}
+        if cfg.uses_readout:
+            tensors["x_neu"] = ff.overlay(x, None, c, value)
+            tensors["feats"] = torch.empty(len(labels), 0)
+        scalars = {"split": name, "round": s.epoch, "batches": self.eval_batches(), "part": s.part, "classes": c,
+                   "final": s.epoch == cfg.epochs}
+        return Message("eval", s.seq, s.epoch, scalars, tensors)
 
-    def _send(self, sock: zmq.Socket, msg: Message) -> None:
-        msg.seq = self.seq
-        transport.send(sock, msg, self.timeout_ms)
-        self.seq += 1
-        if msg.kind in self.sent:
-            self.sent[msg.kind] += 1
+    def message(self, s: Sent) -> Message:
+        return self.train_message(s) if s.kind == "train" else self.eval_message(s)
 
-    def _drain_beliefs(self, inbox: zmq.Socket | None) -> None:
-        while inbox is not None and inbox.poll(0, zmq.POLLIN):
+    # ---- the sink's acknowledgements (and beliefs)
+
+    def _on_ack(self, s: dict) -> None:
+        fields = ("next", "durable_next", "durable_batch")
+        if not all(isinstance(s.get(k), int) and not isinstance(s.get(k), bool) and s[k] >= 0 for k in fields):
+            raise WireError(f"an ack needs non-negative integers {', '.join(fields)}")
+        now = time.monotonic()
+        if self.sink_silent:
+            print(f"ffpipe source: the sink is back after {now - self.heard_at:.1f}s", flush=True)
+            self.sink_silent = False
+        self.heard_at = now
+        if s["next"] > self.confirmed:
+            self.confirmed, self.progress_at, self.backoff = s["next"], now, 1
+        while self.pending and self.pending[0].seq < s["durable_next"] and (
+                self.pending[0].kind == "eval" or self.pending[0].batch <= s["durable_batch"]):
+            self.pending.popleft()  # every layer's checkpoint and the sink's hold it: it can never be needed again
+            self.progress_at = now
+        if s.get("gap") and (self.confirmed > self.resent_from or now - self.resent_at > self.cfg.retransmit_s):
+            self.resend_due = True  # a gap the sink has not reported since the last resend
+        if s.get("stopped"):
+            self.stop_confirmed = True
+
+    def _on_beliefs(self, msg: Message) -> None:
+        idx, logits = msg.tensors.get("idx"), msg.tensors.get("logits")
+        n, c = self.beliefs.shape
+        if (idx is None or logits is None or idx.dtype != torch.int64 or idx.ndim != 1 or logits.shape != (len(idx), c)
+                or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n))):
+            raise WireError("a belief message needs idx (B,) int64 in range and logits (B, C)")
+        self.beliefs[idx] = logits.float()
+
+    def _drain(self, inbox: zmq.Socket, wait_ms: int = 0) -> None:
+        """Take everything the sink has sent (waiting up to wait_ms for the first message)."""
+        if not self.sink_silent and time.monotonic() - self.heard_at > transport.SILENT_S:
+            self.sink_silent = True
+            print(f"ffpipe source: nothing from the sink for {transport.SILENT_S:g}s", flush=True)
+        while inbox.poll(wait_ms, zmq.POLLIN):
+            wait_ms = 0
             try:
                 msg = transport.recv(inbox, 0)
+                if msg.kind == "ack":
+                    self._on_ack(msg.scalars)
+                elif msg.kind == "beliefs":
+                    self._on_beliefs(msg)
+                else:
+                    raise WireError(f"the source does not take {msg.kind!r} messages")
             except WireError as e:
-                print(f"ffpipe source: rejected a malformed belief message: {e}", flush=True)
-                continue
-            if msg is None or msg.kind != "beliefs":
-                continue
-            idx, logits = msg.tensors.get("idx"), msg.tensors.get("logits")
-            n, c = self.beliefs.shape
-            if (idx is None or logits is None or idx.dtype != torch.int64 or idx.ndim != 1 or logits.shape != (len(idx), c)
-                    or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n))):
-                print("ffpipe source: rejected a belief message with bad idx/logits", flush=True)
-                continue
-            self.beliefs[idx] = logits.float()
+                print(f"ffpipe source: rejected a message: {e}", flush=True)
+
+    # ---- sending
+
+    def _send(self, out: zmq.Socket, inbox: zmq.Socket, msg: Message) -> None:
+        """Send, blocking while layer 0's queue is full (backpressure) but reading acknowledgements meanwhile."""
+        waited = 0.0
+        while not out.poll(POLL_MS, zmq.POLLOUT):
+            self._drain(inbox)
+            waited += POLL_MS / 1000
+            if waited >= self.timeout_s:
+                raise transport.PeerTimeout(f"source: layer 0 took nothing for {waited:g}s (gone or stuck)")
+        transport.send(out, msg, 0)
+
+    def _resend(self, out: zmq.Socket, inbox: zmq.Socket) -> None:
+        """Go back: send every message not yet durable again, in order."""
+        self.resend_due = False
+        self.resent_at = self.progress_at = time.monotonic()
+        self.resent_from = self.confirmed
+        self.sent["retransmissions"] += 1
+        print(f"ffpipe source: resending {len(self.pending)} batches from #{self.pending[0].seq} "
+              f"(the sink holds everything before #{self.confirmed})", flush=True)
+        for s in list(self.pending):
+            self._send(out, inbox, self.message(s))
+            self.sent["resent"] += 1
+
+    def _check(self, out: zmq.Socket, inbox: zmq.Socket) -> None:
+        """Resend when the sink reported a gap, or when nothing became confirmed or durable for retransmit_s
+        (once the sink has confirmed something: before that, the roles may still be starting)."""
+        stalled = self.confirmed > 0 and time.monotonic() - self.progress_at > self.cfg.retransmit_s * self.backoff
+        if self.pending and (self.resend_due or stalled):
+            if stalled and not self.resend_due:
+                self.backoff = min(self.backoff * 2, 8)
+            self._resend(out, inbox)
+        self.resend_due = False
 
     def run(self) -> dict:
-        cfg = self.cfg
         links = transport.Links(self.topo.keys)
-        out = links.push(self.topo.layers[0].connect_url(), linger_ms=self.timeout_ms)
-        inbox = links.pull(self.topo.source.bind_url(self.topo.bind_host)) if cfg.negatives == "hard" else None
-        n = len(self.data.train)
-        total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
-        drawn = 0  # train batches drawn so far, sent or (when resuming) skipped
-        per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+        out = links.push(self.topo.layers[0].connect_url(), linger_ms=int(self.timeout_s * 1000))
+        inbox = links.pull(self.topo.source.bind_url(self.topo.bind_host), hwm=1000)
+        beat = transport.Heartbeat(links, self.topo.sink.connect_url(), "source",
+                                   lambda: {"state": self.state, "sent": self.last_batch})
+        self.heard_at = time.monotonic()
+        self.resend_due = False
+        stream = self.stream()
         try:
-            for epoch in range(cfg.epochs):
-                for idx in batch_indices(n, cfg.batch_size, self.gen):
-                    if self.stopping:
-                        break
-                    drawn += 1
-                    if drawn <= self.skip:  # same draws from the generator, same seq numbers, nothing sent
-                        self._augmented(idx)
-                        self._negatives(idx)
-                        self.seq += 1
-                        continue
-                    self._drain_beliefs(inbox)
-                    self._send(out, self.train_message(epoch, idx, total, drawn))
+            for s in stream:  # send the run, at most `window` messages ahead of what is durable
+                self._drain(inbox)
+                self._check(out, inbox)
+                while len(self.pending) >= self.window and not self.stopping:
+                    self._drain(inbox, POLL_MS)
+                    self._check(out, inbox)
                 if self.stopping:
                     break
-                if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                    if (epoch + 1) * per_epoch < self.skip:  # the run went past this evaluation before it stopped
-                        self.seq += self.eval_batches()
-                        continue
-                    for msg in self.eval_messages(epoch + 1):
-                        if self.stopping:
-                            break
-                        self._send(out, msg)
-            stats = {"source.sent_train": self.sent["train"], "source.sent_eval": self.sent["eval"],
-                     "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping,
-                     "source.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
-            self._send(out, Message("stop", 0, 0, stats))
+                self._send(out, inbox, self.message(s))
+                self.pending.append(s)
+                self.sent[s.kind] += 1
+                if s.kind == "train":
+                    self.last_batch = s.batch
+            end = self.seq if not self.stopping else (self.pending[-1].seq + 1 if self.pending else self.confirmed)
+            self.state = "waiting"
+            self._wait_durable(out, inbox, end)
+            self._stop(out, inbox, end)
         finally:
-            out.close()  # lingers until the stop message is delivered (or the peer timeout passes)
-            if inbox is not None:
-                inbox.close()
+            beat.stop()
+            out.close(linger=0)
+            inbox.close()
             links.close()
-        return {"sent_train": self.sent["train"], "sent_eval": self.sent["eval"], "interrupted": self.stopping}
+        return {"sent_train": self.sent["train"], "sent_eval": self.sent["eval"], "interrupted": self.stopping,
+                "resent": self.sent["resent"]}
+
+    def _wait_durable(self, out: zmq.Socket, inbox: zmq.Socket, end: int) -> None:
+        """Until every message before `end` is durable (resending as needed), so that the stop, which ends every
+        role, comes after a run that nothing can take back. After a stop request: until the sink has taken
+        everything sent, for at most STOP_DRAIN_S."""
+        t0 = moved_at = time.monotonic()
+        state = None
+        while (self.pending and not self.stopping) or self.confirmed < end:  # stopping: layers checkpoint at the stop
+            self._drain(inbox, POLL_MS)
+            now = time.monotonic()
+            if self.stopping and now - t0 > STOP_DRAIN_S:
+                return
+            if state != (self.confirmed, len(self.pending)):
+                state, moved_at = (self.confirmed, len(self.pending)), now
+            elif now - moved_at > self.timeout_s:
+                raise transport.PeerTimeout(f"source: nothing became confirmed or durable for {self.timeout_s:g}s")
+            self._check(out, inbox)
+
+    def _stop(self, out: zmq.Socket, inbox: zmq.Socket, end: int) -> None:
+        """The stop message: it takes no stream number (a resumed run continues at `end`). Each layer checkpoints
+        as it passes; the sink confirms it. Sent again if unconfirmed after retransmit_s, up to the peer timeout."""
+        stats = {"source.sent_train": self.last_batch, "source.sent_eval": end - self.last_batch,
+                 "source.sent_train_now": self.sent["train"],
+                 "source.resent": self.sent["resent"], "source.retransmissions": self.sent["retransmissions"],
+                 "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping,
+                 "source.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
+        t0 = time.monotonic()
+        while not self.stop_confirmed:
+            self._send(out, inbox, Message("stop", end, 0, stats))
+            sent_at = time.monotonic()
+            while not self.stop_confirmed and time.monotonic() - sent_at < self.cfg.retransmit_s:
+                self._drain(inbox, POLL_MS)
+            if time.monotonic() - t0 > self.timeout_s:
+                raise transport.PeerTimeout(f"source: the sink did not confirm the stop within {self.timeout_s:g}s")
 
 
-def applied_by_every_layer(out: Path, num_layers: int) -> int:
-    """How many train batches every layer checkpoint in `out` has applied (where a resumed run starts)."""
+def durable_batches(out: Path, num_layers: int) -> int:
+    """How many train batches every layer checkpoint and the sink's state in `out` hold (where a restart starts)."""
     counts = []
     for i in range(num_layers):
         path = out / f"layer{i}.pt"
-        counts.append(checkpoint.load(path)["applied"] if path.is_file() else 0)
+        counts.append(checkpoint.load(path)["last_batch"] if path.is_file() else 0)
+    sink = out / "sink.pt"
+    counts.append(checkpoint.load(sink)["last_batch"] if sink.is_file() else 0)
     return min(counts)
 
 
 def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False) -> dict:
-    skip = applied_by_every_layer(Path(cfg.out), len(cfg.layers)) if resume else 0
+    skip = durable_batches(Path(cfg.out), len(cfg.layers)) if resume else 0
     if skip:
         print(f"ffpipe source: resuming after {skip} train batches", flush=True)
     source = Source(cfg, data, topo, skip=skip)
@@ -186,6 +337,7 @@ def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False)
     signal.signal(signal.SIGINT, request_stop)
     t0 = time.perf_counter()
     result = source.run()
-    print(f"ffpipe source: sent {result['sent_train']} train and {result['sent_eval']} eval batches in "
-          f"{time.perf_counter() - t0:.1f}s" + (" (interrupted)" if result["interrupted"] else ""), flush=True)
+    print(f"ffpipe source: sent {result['sent_train']} train and {result['sent_eval']} eval batches"
+          + (f" ({result['resent']} resent)" if result["resent"] else "") + f" in {time.perf_counter() - t0:.1f}s"
+          + (" (interrupted)" if result["interrupted"] else ""), flush=True)
     return result

@@ -7,6 +7,8 @@ any order (ZeroMQ retries connections). High-water marks bound the messages queu
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -29,6 +31,8 @@ MAX_MSG_BYTES = 1 << 30  # sockets drop (and ZeroMQ disconnects) any single mess
 KERNEL_BUFFER = 256 * 1024  # TCP send/receive buffers: without a cap the kernel would hold many small batches
 LINGER_MS = 2000  # how long close() may wait to flush queued messages (stop must get through)
 _SMALL = 16 * 1024  # frames below this are copied into ZeroMQ (cheaper than tracking them)
+HEARTBEAT_S = 0.5  # every role but the sink tells the sink this often that it is alive
+SILENT_S = 3.0  # a role not heard from for this long is reported (and reported again when it is back)
 
 
 class PeerTimeout(Exception):
@@ -117,6 +121,34 @@ class Links:
         self.ctx.term()
 
 
+class Heartbeat:
+    """A daemon thread that tells the sink every HEARTBEAT_S that this role is alive and what it is doing.
+
+    It has its own socket (a ZeroMQ socket belongs to one thread) into the sink's inbox; a full queue drops
+    the beat. A process that is stopped, hung in a system call or dead goes silent, and the sink says so."""
+
+    def __init__(self, links: Links, url: str, role: str, status: Callable[[], dict]):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(links, url, role, status), name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, links: Links, url: str, role: str, status: Callable[[], dict]) -> None:
+        sock = links.push(url, hwm=1, linger_ms=0)
+        try:
+            while not self._done.wait(HEARTBEAT_S):
+                try:
+                    send_nowait(sock, Message("heartbeat", 0, 0, {"role": role, "pid": os.getpid(), **status()}))
+                except (PeerTimeout, WireError):
+                    pass
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        """Before the role closes its Links."""
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
 def send(sock: zmq.Socket, msg: Message, timeout_ms: int | None = None) -> None:
     """Send one message; blocks while the peer's queue is full (backpressure), up to timeout_ms."""
     frames = encode(msg)
@@ -143,4 +175,4 @@ def recv(sock: zmq.Socket, timeout_ms: int | None = None) -> Message | None:
     return decode(frames)
 
 
-__all__ = ["Endpoint", "Links", "PeerTimeout", "WireError", "pull", "push", "send", "send_nowait", "recv"]
+__all__ = ["Endpoint", "Heartbeat", "Links", "PeerTimeout", "WireError", "pull", "push", "send", "send_nowait", "recv"]

@@ -20,7 +20,7 @@ import msgpack
 import torch
 
 VERSION = 1
-KINDS = ("train", "eval", "stop", "beliefs")
+KINDS = ("train", "eval", "stop", "beliefs", "ack", "gap", "heartbeat")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -158,7 +158,10 @@ def _decode_tensor(desc, frame, seen: dict, check_finite: bool, max_bytes: int) 
     if len(buf) != nbytes:
         raise WireError(f"tensor {name!r}: shape {shape} of {dtype_name} needs {nbytes} bytes, frame has {len(buf)}")
     if nbytes == 0:
-        t = torch.empty(shape, dtype=dtype)
+        try:
+            t = torch.empty(shape, dtype=dtype)
+        except RuntimeError as e:  # no memory, but torch refuses e.g. [0, 2**31-1, 2**31-1, 4]: its strides overflow
+            raise WireError(f"tensor {name!r}: empty shape {shape} cannot be made ({e})") from e
     else:
         with warnings.catch_warnings():  # received frames are read-only; nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)

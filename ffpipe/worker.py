@@ -5,8 +5,13 @@ Sockets: PULL, binds this layer's address (batches arrive from the source or the
 
 train: one local update (the same `local_update` the in-process trainer calls), forward the detached
        outputs; with a readout, also forward the neutral-label pass and append this layer's normalized
-       activity to the features the message carries.
+       activity to the features the message carries. Batches are applied in order, each at most once: the
+       next batch number is applied; one already applied (the source resending) is only forwarded; one past
+       a gap (batches lost with a crashed peer) is dropped and a small `gap` notice goes on to the sink,
+       which asks the source to resend. Every `checkpoint_every` batches the layer checkpoints and
+       reports the batch it holds durably in the scalars it forwards.
 eval:  add this layer's goodness for every (image, label) to the accumulator the message carries; forward.
+gap:   forwarded as it is.
 stop:  checkpoint, add this layer's counts to the message, forward, exit.
 Nothing is kept per batch. A malformed message is logged, counted and reported downstream at stop.
 """
@@ -30,9 +35,14 @@ from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
 
 POLL_MS = 250  # how often a waiting worker checks for a stop signal
+GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
 MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted as "other")
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
 FORWARDED = {"train": ("total", "classes", "batch"), "eval": ("split", "round", "batches", "part", "classes", "final")}
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def _earlier_layer_key(key: str, index: int) -> bool:
@@ -63,12 +73,16 @@ class Worker:
         self.epoch = -1
         self.applied = 0
         self.last_batch = 0  # the source numbers train batches 1, 2, ...; the highest this layer has applied
+        self.durable = 0  # the highest batch this layer's checkpoint holds
+        self.out_of_order = 0  # batches dropped because an earlier one had not arrived (resent later)
+        self.gap_notice_at = float("-inf")
         self.rejected: collections.Counter[str] = collections.Counter()
         self.busy_s = 0.0  # time spent handling messages (train and eval)
         self.train_busy_s = 0.0  # time spent handling train messages, and the window they span:
         self.train_window: tuple[float, float] | None = None  # (first train message in, last train reply out)
         self.memory = PeakMemory()  # from the end of the first train batch (imports, layer and optimizer built)
         self.stopping = False
+        self.state = "waiting"  # what the heartbeat reports: waiting (for input), working, sending (blocked downstream)
         self.replayed = 0
         if resume and self.path.is_file():
             self.load()
@@ -93,6 +107,7 @@ class Worker:
             self.layer.load_state_dict(payload["layer"])
             self.opt.load_state_dict(payload["optimizer"])
             self.applied, self.last_batch, self.epoch = payload["applied"], payload["last_batch"], payload["epoch"]
+            self.durable = self.last_batch
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise checkpoint.CheckpointError(f"{self.path}: does not match this run ({type(e).__name__}: {e})") from e
         if self.epoch >= 0:
@@ -128,13 +143,24 @@ class Worker:
         x_neg = self._check_rows("x_neg", t["x_neg"], b)
         if x_neg.shape != x_pos.shape or t["y"].shape != (b,) or t["idx"].shape != (b,):
             raise WireError(f"train batch of {b} rows needs x_neg {tuple(x_pos.shape)}, y and idx of ({b},)")
+        batch, total = msg.scalars.get("batch"), msg.scalars.get("total")
+        if not (_is_count(batch) and _is_count(total) and batch <= total):
+            raise WireError(f"train message needs integers 1 <= batch <= total, got batch {batch!r} and total {total!r}")
+        if self.layer is not None and x_pos.shape[1] != self.layer.linear.in_features:
+            raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {self.layer.linear.in_features}")
+        if batch > self.last_batch + 1:  # an earlier batch was lost on the way: the source resends from there
+            self.out_of_order += 1
+            now = time.monotonic()
+            if now - self.gap_notice_at < GAP_NOTICE_S:
+                return None
+            self.gap_notice_at = now
+            return Message("gap", msg.seq, msg.epoch, {"layer": self.index, "needs": self.last_batch + 1})
+        # only a complete, in-order batch may build the layer (its width decides layer 0's input size)
         layer = self._ensure_layer(x_pos.shape[1])
         if x_pos.shape[1] != layer.linear.in_features:
             raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
-        batch = msg.scalars.get("batch")
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise WireError(f"train message needs a positive integer 'batch' number, got {batch!r}")
-        scalars = _upstream_scalars(msg.scalars, "train", self.index, ("loss.", "g_pos.", "g_neg."))
+        scalars = _upstream_scalars(msg.scalars, "train", self.index, ("loss.", "g_pos.", "g_neg.", "durable."))
+        scalars[f"durable.{self.index}"] = self.durable
         if batch <= self.last_batch:  # a batch this layer has learned from already: forward it, never apply it twice
             self.replayed += 1
             with torch.no_grad():
@@ -153,6 +179,9 @@ class Worker:
         r = local_update(layer, self.opt, x_pos, x_neg)
         self.applied += 1
         self.last_batch = batch
+        if batch % self.cfg.checkpoint_every == 0 or batch == total:
+            self.save()
+            scalars[f"durable.{self.index}"] = self.durable
         out.update(x_pos=r.h_pos, x_neg=r.h_neg)
         scalars.update({f"loss.{self.index}": r.loss.item(), f"g_pos.{self.index}": r.g_pos.item(), f"g_neg.{self.index}": r.g_neg.item()})
         return Message("train", msg.seq, msg.epoch, scalars, out)
@@ -164,7 +193,9 @@ class Worker:
         if acc.dtype != torch.float32 or acc.ndim != 2 or x_all.shape[0] != acc.shape[0] * acc.shape[1]:
             raise WireError(f"eval batch needs goodness (B, C) and x_all (B*C, D), got {tuple(acc.shape)} and {tuple(x_all.shape)}")
         b, c = acc.shape
-        layer = self._ensure_layer(x_all.shape[1])
+        if self.layer is None:
+            raise WireError(f"an eval batch before layer {self.index} has seen its first train batch")
+        layer = self.layer
         if x_all.shape[1] != layer.linear.in_features:
             raise WireError(f"eval batch of width {x_all.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
         h = layer(x_all)
@@ -198,11 +229,13 @@ class Worker:
             "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
             "applied": self.applied, "last_batch": self.last_batch, "epoch": self.epoch,
         })
+        self.durable = self.last_batch
 
     def stats(self) -> dict:
         i = self.index
         return {f"layer{i}.applied": self.applied, f"layer{i}.applied_now": self.applied - self.applied_at_start,
-                f"layer{i}.replayed": self.replayed, f"layer{i}.rejected": sum(self.rejected.values()),
+                f"layer{i}.last_batch": self.last_batch, f"layer{i}.replayed": self.replayed,
+                f"layer{i}.out_of_order": self.out_of_order, f"layer{i}.rejected": sum(self.rejected.values()),
                 f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
                 **{f"layer{i}.{k}": v for k, v in self.memory.report().items()},
                 f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device),
@@ -215,7 +248,9 @@ class Worker:
         links = transport.Links(self.topo.keys)
         inbox = links.pull(self.topo.layers[self.index].bind_url(self.topo.bind_host))
         outbox = links.push(self.topo.downstream(self.index).connect_url(), linger_ms=self.timeout_ms)
-        handlers = {"train": self.on_train, "eval": self.on_eval}
+        beat = transport.Heartbeat(links, self.topo.sink.connect_url(), f"layer {self.index}",
+                                   lambda: {"state": self.state, "applied": self.applied})
+        handlers = {"train": self.on_train, "eval": self.on_eval, "gap": lambda msg: msg}
         idle = transport.IdleClock(f"layer {self.index}", self.timeout_ms)
         try:
             while True:
@@ -233,6 +268,7 @@ class Worker:
                     if msg.kind not in handlers:
                         raise WireError(f"a layer does not take {msg.kind!r} messages")
                     t0 = time.perf_counter()
+                    self.state = "working"
                     reply = handlers[msg.kind](msg)
                     t1 = time.perf_counter()
                     self.busy_s += t1 - t0
@@ -240,16 +276,20 @@ class Worker:
                         self.train_busy_s += t1 - t0
                         self.train_window = (self.train_window or (t0, t1))[0], t1
                         self.memory.training_starts()  # after the first batch, which built the layer and optimizer
-                    else:
+                    elif msg.kind == "eval":
                         self.memory.training_pauses()
                 except (WireError, KeyError) as e:  # a bad message: count it, say so once per reason, keep serving
                     self._reject(f"{type(e).__name__}: {e}"[:120])
                     continue
-                transport.send(outbox, reply, self.timeout_ms)
+                if reply is not None:
+                    self.state = "sending"
+                    transport.send(outbox, reply, self.timeout_ms)
+                self.state = "waiting"
             self.save()
             scalars = {k: v for k, v in msg.scalars.items() if k.startswith("source.") or _earlier_layer_key(k, self.index)}
             transport.send(outbox, Message("stop", msg.seq, msg.epoch, {**scalars, **self.stats()}), self.timeout_ms)
         finally:
+            beat.stop()
             inbox.close()
             outbox.close()
             links.close()

@@ -174,7 +174,8 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path):
     _cli("run", "--resume", out, "--quiet")
     s = _summary(out)
     assert s["accounting"]["complete"] and s["accounting"]["applied"] == [40 * 29] * 2
-    assert s["accounting"]["sent_train"] == 40 * 29 - stopped  # nothing applied twice, nothing skipped
+    assert s["accounting"]["sent_train"] == 40 * 29 and s["accounting"]["received_train"] == 40 * 29
+    assert s["accounting"]["sent_train_now"] == 40 * 29 - stopped  # nothing applied twice, nothing skipped
     _cli("run", *SMALL, *args, "--eval-every", "1", "--out", tmp_path / "straight")
     resumed, straight = checkpoint.load(out)["model"], checkpoint.load(tmp_path / "straight")["model"]
     for key in straight:
