@@ -22,11 +22,12 @@ HEADER = """\
 # depends_on chains source -> layer0 -> ... -> sink: they start downstream first and `docker compose stop`
 # stops the source first, which sends the in-band stop through the layers (each checkpoints) to the sink.
 # Restart: every role runs with --resume-role, so `docker compose up` after a stop continues from the
-# checkpoints in runs/compose (the source skips what every layer applied). A role that fails (non-zero
-# exit) is restarted from its last checkpoint, at most 3 times: on-failure, not always, because a role
-# that finished exits 0 and must stay down, and at most 3 so a role whose peer is gone for good (it exits 1
-# after 120 s of silence) does not loop. Batches in flight when a role died are lost (no replay yet);
-# summary.json's accounting then says complete: false. Remove runs/compose to train afresh.
+# checkpoints in runs/compose (the source skips what every layer and the sink hold). A role that fails
+# (non-zero exit, or killed) is restarted from its last checkpoint, at most 3 times: on-failure, not always,
+# because a role that finished exits 0 and must stay down, and at most 3 so a role whose peer is gone for
+# good (it exits 1 after 120 s of silence) does not loop. The source resends what the dead role lost, so
+# every batch is still applied exactly once by every layer (README, Reliability). Remove runs/compose to
+# train afresh.
 """
 
 

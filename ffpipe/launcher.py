@@ -67,7 +67,7 @@ def resolve_devices(spec: str, num_layers: int) -> list[str]:
     return parts
 
 
-STALE = ("layer*.pt", "readout.pt", "run.json", "summary.json", "checkpoint.pt", "metrics.jsonl")
+STALE = ("layer*.pt", "readout.pt", "sink.pt", "run.json", "summary.json", "checkpoint.pt", "metrics.jsonl")
 
 
 def die_with_launcher(variable: str = "FFPIPE_LAUNCHER_PID") -> None:

@@ -40,6 +40,8 @@ POLL_MS = 250
 ACK_EVERY_S = 0.2  # how often the sink confirms progress to the source
 GAP_REPORT_S = 1.0  # at most one gap report per this long for the same missing message
 STATE = "sink.pt"
+# settings that decide the stream's numbering: sink.pt from a run with other values cannot be continued
+STREAM_FIELDS = ("dataset", "val_size", "train_size", "layers", "batch_size", "epochs", "eval_every", "seed")
 
 
 class Sink:
@@ -75,6 +77,7 @@ class Sink:
         self.heard: dict[str, tuple[float, dict]] = {}  # role -> (when its last heartbeat came, what it said)
         self.silent: set[str] = set()
         self.silences: dict[str, list[float]] = {}  # role -> how long each silence lasted
+        self.stop: Message | None = None  # the stop, once taken (kept in sink.pt: a restart then only writes the summary)
         if resume:
             self._load()
 
@@ -84,6 +87,11 @@ class Sink:
         if not path.is_file():
             return
         p = checkpoint.load(path)
+        mine, theirs = self.cfg.to_dict(), RunConfig.from_json(p["config"]).to_dict() if "config" in p else {}
+        changed = [k for k in STREAM_FIELDS if mine.get(k) != theirs.get(k)]
+        if changed:  # the stream numbers would not line up with this run's
+            raise checkpoint.CheckpointError(f"{path}: from a run with other {', '.join(changed)} "
+                                             f"({', '.join(f'{k}={theirs.get(k)!r}' for k in changed)}); resume with the same settings")
         try:
             if p["readout"] is not None:
                 w = p["readout"]["weight"]
@@ -96,6 +104,8 @@ class Sink:
             self.received, self.samples, self.epoch = dict(p["received"]), p["samples"], p["epoch"]
             self.history, self.time_to, self.rounds = list(p["history"]), dict(p["time_to"]), dict(p["rounds"])
             self.metrics_bytes, self.wall_before = p["metrics_bytes"], p["wall_s"]
+            if p.get("stop") and not p["stop"].get("source.interrupted"):  # the run's final stop, not Ctrl-C's
+                self.stop = Message("stop", p["stop_seq"], 0, p["stop"])
         except (KeyError, TypeError, RuntimeError) as e:
             raise checkpoint.CheckpointError(f"{path}: does not match this run ({type(e).__name__}: {e})") from e
 
@@ -107,6 +117,7 @@ class Sink:
             "durable_batch": self.layers_durable, "received": self.received, "samples": self.samples, "epoch": self.epoch,
             "history": self.history, "time_to": self.time_to, "rounds": self.rounds, "metrics_bytes": self.metrics_bytes,
             "wall_s": self.elapsed(),
+            "stop": self.stop.scalars if self.stop is not None else None, "stop_seq": self.stop.seq if self.stop is not None else 0,
             "readout": self.readout.state_dict() if self.readout is not None else None,
             "optimizer": self.readout_opt.state_dict() if self.readout_opt is not None else None,
         })
@@ -302,7 +313,7 @@ class Sink:
         inbox = links.pull(self.topo.sink.bind_url(self.topo.bind_host))
         control = links.push(self.topo.source.connect_url(), hwm=64, linger_ms=2000)
         self.t0 = time.perf_counter()
-        stop: Message | None = None
+        stop: Message | None = self.stop  # a sink restarted after it took the stop only writes the summary
         traffic_at = time.monotonic()  # the last message other than a heartbeat
         total = None
         progress = RunProgress(1, enabled=self.show_progress)
@@ -353,6 +364,7 @@ class Sink:
                         self._reject(f"{msg.kind}: {type(e).__name__}: {e}"[:120])
                     self._ack(control)
                 if stop is not None:
+                    self.stop = stop
                     self._save(metrics)
                     self._ack(control, force=True, stopped=True)
         finally:

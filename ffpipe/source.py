@@ -61,7 +61,8 @@ class Sent:
 
 
 class Source:
-    def __init__(self, cfg: RunConfig, data: Data, topo: Topology, peer_timeout_s: float = 120.0, skip: int = 0):
+    def __init__(self, cfg: RunConfig, data: Data, topo: Topology, peer_timeout_s: float = 120.0, skip: int = 0,
+                 sink_next: int = 0):
         if cfg.schedule != "joint":
             raise ValueError("the pipeline trains every layer on every batch: use --schedule joint (greedy is in-process only)")
         self.cfg, self.data, self.topo = cfg, data, topo
@@ -71,12 +72,14 @@ class Source:
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
         self.stopping = False
         self.skip = skip  # train batches every layer and the sink hold already (restart, resume): drawn, not sent
+        self.sink_next = sink_next  # the sink holds every message below this: evaluations below it are not sent
         self.seq = 0  # the stream number of the next message of the run
         self.per_epoch = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
         self.total = cfg.epochs * self.per_epoch
         # kept until durable; the window bounds them: two checkpoint intervals plus what a pipeline holds in flight
         self.pending: collections.deque[Sent] = collections.deque()
-        self.window = 2 * cfg.checkpoint_every + 64
+        self.window = 2 * cfg.checkpoint_every + 64  # train messages; evaluations do not count (a round may be long)
+        self.pending_train = 0
         self.confirmed = 0  # the sink holds every message below this stream number
         self.progress_at = time.monotonic()  # when `confirmed` last moved (or the source last resent)
         self.resent_at = float("-inf")
@@ -120,7 +123,7 @@ class Source:
                 self.seq += 1
             if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
                 for part in range(self.eval_batches()):
-                    if (epoch + 1) * self.per_epoch >= self.skip:  # else the run went past this evaluation before
+                    if (epoch + 1) * self.per_epoch >= self.skip and self.seq >= self.sink_next:  # else it was taken
                         yield Sent(self.seq, "eval", epoch + 1, part=part)
                     self.seq += 1
 
@@ -155,7 +158,7 @@ class Source:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(labels), 0)
         scalars = {"split": name, "round": s.epoch, "batches": self.eval_batches(), "part": s.part, "classes": c,
-                   "final": s.epoch == cfg.epochs}
+                   "final": s.epoch == cfg.epochs, "after": s.epoch * self.per_epoch}
         return Message("eval", s.seq, s.epoch, scalars, tensors)
 
     def message(self, s: Sent) -> Message:
@@ -176,7 +179,7 @@ class Source:
             self.confirmed, self.progress_at, self.backoff = s["next"], now, 1
         while self.pending and self.pending[0].seq < s["durable_next"] and (
                 self.pending[0].kind == "eval" or self.pending[0].batch <= s["durable_batch"]):
-            self.pending.popleft()  # every layer's checkpoint and the sink's hold it: it can never be needed again
+            self.pending_train -= self.pending.popleft().kind == "train"  # durable: it can never be needed again
             self.progress_at = now
         if s.get("gap") and (self.confirmed > self.resent_from or now - self.resent_at > self.cfg.retransmit_s):
             self.resend_due = True  # a gap the sink has not reported since the last resend
@@ -256,13 +259,14 @@ class Source:
             for s in stream:  # send the run, at most `window` messages ahead of what is durable
                 self._drain(inbox)
                 self._check(out, inbox)
-                while len(self.pending) >= self.window and not self.stopping:
+                while self.pending_train >= self.window and not self.stopping:
                     self._drain(inbox, POLL_MS)
                     self._check(out, inbox)
                 if self.stopping:
                     break
                 self._send(out, inbox, self.message(s))
                 self.pending.append(s)
+                self.pending_train += s.kind == "train"
                 self.sent[s.kind] += 1
                 if s.kind == "train":
                     self.last_batch = s.batch
@@ -313,22 +317,27 @@ class Source:
                 raise transport.PeerTimeout(f"source: the sink did not confirm the stop within {self.timeout_s:g}s")
 
 
-def durable_batches(out: Path, num_layers: int) -> int:
-    """How many train batches every layer checkpoint and the sink's state in `out` hold (where a restart starts)."""
-    counts = []
+def durable_state(out: Path, num_layers: int) -> tuple[int, int, bool]:
+    """What the checkpoints in `out` hold, for a restarted or resumed source: the train batches every layer and
+    the sink hold, the stream number the sink takes next, and whether every layer has passed the stop on."""
+    batches, stopped = [], True
     for i in range(num_layers):
         path = out / f"layer{i}.pt"
-        counts.append(checkpoint.load(path)["last_batch"] if path.is_file() else 0)
-    sink = out / "sink.pt"
-    counts.append(checkpoint.load(sink)["last_batch"] if sink.is_file() else 0)
-    return min(counts)
+        layer = checkpoint.load(path) if path.is_file() else {}
+        batches.append(layer.get("last_batch", 0))
+        stopped = stopped and bool(layer.get("stop")) and not layer["stop"].get("source.interrupted")  # the final stop
+    sink = checkpoint.load(out / "sink.pt") if (out / "sink.pt").is_file() else {}
+    return min(batches + [sink.get("last_batch", 0)]), sink.get("expected", 0), stopped
 
 
-def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False) -> dict:
-    skip = durable_batches(Path(cfg.out), len(cfg.layers)) if resume else 0
+def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False) -> dict | None:
+    skip, sink_next, stopped = durable_state(Path(cfg.out), len(cfg.layers)) if resume else (0, 0, False)
+    if stopped:  # restarted after the stop went out: it is on its way to the sink (layers resend it if restarted)
+        print("ffpipe source: every layer has passed the stop on; nothing left to send", flush=True)
+        return None
     if skip:
         print(f"ffpipe source: resuming after {skip} train batches", flush=True)
-    source = Source(cfg, data, topo, skip=skip)
+    source = Source(cfg, data, topo, skip=skip, sink_next=sink_next)
 
     def request_stop(signum, frame):  # SIGTERM/SIGINT: stop sending batches, send stop, exit cleanly
         source.stopping = True

@@ -38,7 +38,7 @@ POLL_MS = 250  # how often a waiting worker checks for a stop signal
 GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
 MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted as "other")
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
-FORWARDED = {"train": ("total", "classes", "batch"), "eval": ("split", "round", "batches", "part", "classes", "final")}
+FORWARDED = {"train": ("total", "classes", "batch"), "eval": ("split", "round", "batches", "part", "classes", "final", "after")}
 
 
 def _is_count(v) -> bool:
@@ -82,6 +82,7 @@ class Worker:
         self.train_window: tuple[float, float] | None = None  # (first train message in, last train reply out)
         self.memory = PeakMemory()  # from the end of the first train batch (imports, layer and optimizer built)
         self.stopping = False
+        self.passed_stop: Message | None = None  # the stop this layer forwarded before a restart (in its checkpoint)
         self.state = "waiting"  # what the heartbeat reports: waiting (for input), working, sending (blocked downstream)
         self.replayed = 0
         if resume and self.path.is_file():
@@ -108,6 +109,8 @@ class Worker:
             self.opt.load_state_dict(payload["optimizer"])
             self.applied, self.last_batch, self.epoch = payload["applied"], payload["last_batch"], payload["epoch"]
             self.durable = self.last_batch
+            if payload.get("stop") and not payload["stop"].get("source.interrupted"):  # the run's final stop
+                self.passed_stop = Message("stop", payload["stop_seq"], 0, payload["stop"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise checkpoint.CheckpointError(f"{self.path}: does not match this run ({type(e).__name__}: {e})") from e
         if self.epoch >= 0:
@@ -193,6 +196,10 @@ class Worker:
         if acc.dtype != torch.float32 or acc.ndim != 2 or x_all.shape[0] != acc.shape[0] * acc.shape[1]:
             raise WireError(f"eval batch needs goodness (B, C) and x_all (B*C, D), got {tuple(acc.shape)} and {tuple(x_all.shape)}")
         b, c = acc.shape
+        after = msg.scalars.get("after")  # the train batch this evaluation follows
+        if _is_count(after) and after > self.last_batch:  # this layer lost batches (a restart): resent first
+            self.out_of_order += 1
+            return Message("gap", msg.seq, msg.epoch, {"layer": self.index, "needs": self.last_batch + 1})
         if self.layer is None:
             raise WireError(f"an eval batch before layer {self.index} has seen its first train batch")
         layer = self.layer
@@ -221,10 +228,13 @@ class Worker:
             feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
         return {"x_neu": h_neu, "feats": feats}
 
-    def save(self) -> None:
+    def save(self, stop: Message | None = None) -> None:
+        """The layer, its optimizer and what it applied; with `stop`, also the stop it forwards next (a restart
+        after that forwards it again instead of waiting for batches that will never come)."""
         if self.layer is None:
             return
         checkpoint.save(self.out / f"layer{self.index}.pt", {
+            "stop": stop.scalars if stop is not None else None, "stop_seq": stop.seq if stop is not None else 0,
             "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.linear.in_features,
             "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
             "applied": self.applied, "last_batch": self.last_batch, "epoch": self.epoch,
@@ -253,6 +263,10 @@ class Worker:
         handlers = {"train": self.on_train, "eval": self.on_eval, "gap": lambda msg: msg}
         idle = transport.IdleClock(f"layer {self.index}", self.timeout_ms)
         try:
+            if self.passed_stop is not None:  # restarted after forwarding the stop: nothing but the stop remains
+                print(f"ffpipe layer {self.index}: had passed the stop on; forwarding it again", flush=True)
+                transport.send(outbox, self.passed_stop, self.timeout_ms)
+                return
             while True:
                 if self.stopping:  # SIGTERM to this worker alone: keep what it learned, leave without forwarding
                     self.save()
@@ -285,9 +299,10 @@ class Worker:
                     self.state = "sending"
                     transport.send(outbox, reply, self.timeout_ms)
                 self.state = "waiting"
-            self.save()
             scalars = {k: v for k, v in msg.scalars.items() if k.startswith("source.") or _earlier_layer_key(k, self.index)}
-            transport.send(outbox, Message("stop", msg.seq, msg.epoch, {**scalars, **self.stats()}), self.timeout_ms)
+            stop = Message("stop", msg.seq, msg.epoch, {**scalars, **self.stats()})
+            self.save(stop)
+            transport.send(outbox, stop, self.timeout_ms)
         finally:
             beat.stop()
             inbox.close()

@@ -147,3 +147,81 @@ def test_a_corrupt_checkpoint_is_refused_by_resume_and_eval_with_one_line(tmp_pa
     assert f"{out / 'layer0.pt'}: checksum mismatch: the file is corrupt" in result.stdout + result.stderr
     result = subprocess.run([sys.executable, "-m", "ffpipe", "eval", "--checkpoint", str(out)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "checksum mismatch" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished two-layer pipeline run: its checkpoints hold the run's final stop."""
+    out = tmp_path_factory.mktemp("finished")
+    (out / "sink.pt").write_bytes(b"an older run's state")  # a fresh run clears it instead of continuing from it
+    _cli("run", *SMALL, "--layers", "16,16", "--epochs", "2", "--negatives", "random", "--out", out)
+    return out
+
+
+def _config(out):
+    from ffpipe.config import RunConfig
+
+    return RunConfig.from_json((out / "config.json").read_text())
+
+
+def test_a_fresh_run_ignores_an_old_sink_state_and_saves_its_own(finished):
+    s = _summary(finished)
+    assert s["accounting"]["complete"] and s["accounting"]["received_train"] == 2 * 29
+    assert checkpoint.load(finished / "sink.pt")["expected"] == 2 * 29 + 2 * 2  # train batches and eval parts taken
+
+
+@pytest.mark.timeout(60)
+def test_roles_restarted_after_the_final_stop_finish_instead_of_waiting(finished):
+    """A layer killed after forwarding the stop, the source after sending it, the sink after taking it."""
+    import threading
+
+    import zmq
+
+    from ffpipe import transport
+    from ffpipe.sink import Sink
+    from ffpipe.source import durable_state
+    from ffpipe.topology import Topology
+    from ffpipe.worker import Worker
+
+    cfg = _config(finished)
+    assert durable_state(finished, 2) == (58, 62, True)  # the source has nothing left to send
+    topo = Topology.local(2)
+    ctx = zmq.Context()
+    downstream = transport.pull(ctx, topo.sink.bind_url("127.0.0.1"))
+    worker = Worker(cfg, 1, topo, finished, peer_timeout_s=20, resume=True)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    stop = transport.recv(downstream, 20_000)
+    thread.join(20)
+    downstream.close()
+    ctx.term()
+    assert not thread.is_alive() and stop.kind == "stop" and stop.scalars["layer1.applied"] == 58
+    before = _summary(finished)
+    summary = Sink(cfg, Topology.local(2), finished, peer_timeout_s=20, show_progress=False, resume=True).run()
+    assert summary["accounting"]["complete"] and summary["history"] == before["history"]
+
+
+def test_a_sink_state_from_a_run_numbered_differently_is_refused(finished):
+    from ffpipe.checkpoint import CheckpointError
+    from ffpipe.config import apply
+    from ffpipe.sink import Sink
+    from ffpipe.topology import Topology
+
+    with pytest.raises(CheckpointError, match="other epochs, eval_every"):
+        Sink(apply(_config(finished), epochs=5, eval_every=2), Topology.local(2), finished, resume=True)
+
+
+def test_a_layer_behind_an_evaluation_reports_a_gap_instead_of_evaluating(finished):
+    import torch
+
+    from ffpipe.topology import Topology
+    from ffpipe.wire import Message
+    from ffpipe.worker import Worker
+
+    worker = Worker(_config(finished), 0, Topology.local(2), finished, resume=True)  # holds batch 58
+    x = torch.rand(2 * 10, 64)
+    msg = Message("eval", 70, 2, {"round": 2, "batches": 2, "part": 0, "classes": 10, "after": 60},
+                  {"x_all": x, "goodness": torch.zeros(2, 10), "y": torch.zeros(2, dtype=torch.long)})
+    assert worker.on_eval(msg).kind == "gap" and worker.out_of_order == 1
+    msg.scalars["after"] = 58
+    assert worker.on_eval(msg).kind == "eval"
