@@ -172,7 +172,18 @@ def recv(sock: zmq.Socket, timeout_ms: int | None = None) -> Message | None:
     if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
         return None
     frames = sock.recv_multipart(copy=False)
-    return decode(frames)
+    try:
+        return decode(frames)
+    except WireError as e:  # say who sent it
+        raise WireError(f"from {_peer(frames[0])}: {e}") from None
+
+
+def _peer(frame) -> str:
+    """The sender's IP address as ZeroMQ saw it (TCP), or 'unknown'."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+        return "unknown"
 
 
 __all__ = ["Endpoint", "Heartbeat", "Links", "PeerTimeout", "WireError", "pull", "push", "send", "send_nowait", "recv"]

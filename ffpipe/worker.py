@@ -293,7 +293,7 @@ class Worker:
                     elif msg.kind == "eval":
                         self.memory.training_pauses()
                 except (WireError, KeyError) as e:  # a bad message: count it, say so once per reason, keep serving
-                    self._reject(f"{type(e).__name__}: {e}"[:120])
+                    self._reject(f"{type(e).__name__}: {e}"[:160])
                     continue
                 if reply is not None:
                     self.state = "sending"

@@ -157,6 +157,7 @@ def test_malformed_messages_from_a_rogue_client_are_counted_and_change_nothing(t
     assert a["sent_train"] == a["received_train"] == BATCHES and a["applied"] == [BATCHES, BATCHES], a
     sent = {role: len(messages) for role, messages in batches.items()}
     assert a["rejected"] == {"layer0": sent["layer0"], "layer1": 0, "sink": sent["sink"]}, (sent, a["rejected_reasons"])
+    assert "from 127.0.0.1: " in a["rejected_reasons"]["layer0"]  # each rejection names the sender
     assert sum(a["rejected"].values()) == sum(sent.values()) > 200
 
     # the same config in one process, which the pipeline reproduces update for update: the rogue changed nothing
