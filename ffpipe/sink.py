@@ -17,7 +17,6 @@ state (sink.pt: readout, counts, history, the length of metrics.jsonl) and confi
 
 from __future__ import annotations
 
-import json
 import resource
 import signal
 import time

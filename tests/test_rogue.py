@@ -6,7 +6,6 @@ import json
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import msgpack
@@ -21,6 +20,7 @@ from ffpipe.cli import app
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError, decode, encode
 from ffpipe.worker import Worker
+from test_pipeline import _wait_until
 
 EPOCHS, BATCHES = 10, 10 * 29  # 1,437 digits in batches of 50
 WIDTHS = (32, 32)
@@ -108,20 +108,6 @@ def _push_all(endpoints: dict[str, str], batches: dict[str, list[list[bytes]]]) 
         ctx.term()
 
 
-def _wait_until(proc: subprocess.Popen, predicate, timeout: float = 90.0) -> None:
-    """Poll a condition while the launcher runs; proc.wait doubles as the poll interval."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        try:
-            proc.wait(timeout=0.1)
-            pytest.fail(f"launcher exited early with {proc.returncode}: {proc.stdout.read()}")
-        except subprocess.TimeoutExpired:
-            pass
-    pytest.fail("condition not reached in time")
-
-
 def _training(out: Path):
     def started() -> bool:
         m = out / "metrics.jsonl"
@@ -137,7 +123,7 @@ def test_malformed_messages_from_a_rogue_client_are_counted_and_change_nothing(t
     proc = subprocess.Popen([sys.executable, "-m", "ffpipe", "run", "--config", str(cfg), "--quiet", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_until(proc, _training(out))  # layer 0 has taken its width from the first batch
+        _wait_until(proc, _training(out), timeout=90)  # layer 0 has taken its width from the first batch
         topology = json.loads((out / "run.json").read_text())["topology"]
         rng = random.Random(0)
         batches = {"layer0": [f for _ in range(REPEAT) for f in _for_layer0(rng).values()],
