@@ -54,8 +54,9 @@ def _pid(out, role, index):
 def test_kill_9_with_restart_applies_every_batch_exactly_once(tmp_path, reference, role, index):
     out = tmp_path / "run"
     proc = _launch(out, "--restart", "on-failure")
-    _wait_until(proc, lambda: (out / "layer1.pt").is_file() and (out / "run.json").is_file())  # past a checkpoint
-    time.sleep(random.Random(f"{role}{index}").uniform(0.0, 1.0))  # a random point of the run, not a synchronization
+    target = random.Random(f"{role}{index}").randrange(10, 60)  # a random point of the run, in batches
+    _wait_until(proc, lambda: (out / "run.json").is_file() and (out / "layer1.pt").is_file()
+                and checkpoint.load(out / "layer1.pt")["last_batch"] >= target)
     victim = _pid(out, role, index)
     os.kill(victim, signal.SIGKILL)
     output, _ = proc.communicate(timeout=150)
