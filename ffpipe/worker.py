@@ -87,7 +87,6 @@ class Worker:
         self.replayed = 0
         if resume and self.path.is_file():
             self.load()
-        self.applied_at_start = self.applied
 
     def _reject(self, reason: str) -> None:
         if reason not in self.rejected and len(self.rejected) >= MAX_REASONS:
@@ -243,7 +242,7 @@ class Worker:
 
     def stats(self) -> dict:
         i = self.index
-        return {f"layer{i}.applied": self.applied, f"layer{i}.applied_now": self.applied - self.applied_at_start,
+        return {f"layer{i}.applied": self.applied,
                 f"layer{i}.last_batch": self.last_batch, f"layer{i}.replayed": self.replayed,
                 f"layer{i}.out_of_order": self.out_of_order, f"layer{i}.rejected": sum(self.rejected.values()),
                 f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
