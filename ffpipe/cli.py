@@ -30,16 +30,18 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+def _parse_layers(text: str | None) -> tuple[int | str, ...] | None:
     if text is None:
         return None
+    from ffpipe.layer import LayerSpec
+
     try:
-        widths = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated widths such as 500,500; got {text!r}") from None
-    if not widths or min(widths) <= 0:
-        raise typer.BadParameter(f"expected positive widths such as 500,500; got {text!r}")
-    return widths
+        specs = [LayerSpec.parse(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError as e:
+        raise typer.BadParameter(f"{e}; expected e.g. 500,500 or conv64k3p2,conv128k3p2,1000") from None
+    if not specs:
+        raise typer.BadParameter(f"expected comma-separated layers such as 500,500; got {text!r}")
+    return tuple(s.units if not s.image else str(s) for s in specs)
 
 
 def _version(value: bool) -> None:
@@ -65,7 +67,7 @@ def run(
     train_size: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (0 = all); for quick experiments and benchmarks.", rich_help_panel=_PANEL_DATA)] = None,
     shift: Annotated[Optional[int], typer.Option(help="Augmentation: translate training images by up to N pixels (0 = off).", rich_help_panel=_PANEL_DATA)] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Augmentation: mirror training images left-right at random (CIFAR-10, FER2013).", rich_help_panel=_PANEL_DATA)] = None,
-    layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, e.g. 1000,1000,1000.", rich_help_panel=_PANEL_MODEL)] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Hidden layers: widths (1000,1000,1000) and/or image layers first (conv64k3p2,lc32k5s2,1000).", rich_help_panel=_PANEL_MODEL)] = None,
     norm: Annotated[Optional[str], typer.Option(help="Input normalization of every layer: rms or l2.", rich_help_panel=_PANEL_MODEL)] = None,
     goodness: Annotated[Optional[str], typer.Option(help="Goodness: sum or mean of squared activities.", rich_help_panel=_PANEL_MODEL)] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Goodness threshold per unit (times the width for sum goodness).", rich_help_panel=_PANEL_MODEL)] = None,

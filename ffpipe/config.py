@@ -84,7 +84,7 @@ class RunConfig:
     shift: int = 0  # augmentation: translate each training image by up to this many pixels (0 = off)
     flip: bool = False  # augmentation: mirror training images left-right at random (not for digits)
     # model
-    layers: tuple[int, ...] = (1000, 1000, 1000)
+    layers: tuple[int | str, ...] = (1000, 1000, 1000)  # widths, or image layers such as "conv64k3p2" (ffpipe.layer)
     layer: LayerConfig = field(default_factory=LayerConfig)
     # training
     epochs: int = 60
@@ -113,8 +113,13 @@ class RunConfig:
         _choice("predict", self.predict, ("goodness", "readout"))
         if not self.layers:
             raise ValueError("layers must name at least one hidden layer, e.g. 500,500")
-        for width in self.layers:
-            _positive("every layer width", width)
+        from ffpipe.layer import LayerSpec  # the registry of layer kinds lives with the layers
+
+        specs = [LayerSpec.parse(spec) for spec in self.layers]
+        for before, after in zip(specs, specs[1:]):
+            if after.image and not before.image:
+                raise ValueError(f"image layer {after} cannot follow the fully connected layer {before}: put image layers first")
+        object.__setattr__(self, "layers", tuple(s.units if not s.image else str(s) for s in specs))
         if self.skip_first and self.predict == "goodness" and len(self.layers) < 2:
             raise ValueError("skip_first needs at least two layers; pass --no-skip-first for a one-layer net")
         _positive("epochs", self.epochs)

@@ -25,6 +25,7 @@ import torch
 from ffpipe import checkpoint
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, input_stats
+from ffpipe.layer import out_widths
 from ffpipe.metrics import write_json
 from ffpipe.topology import Topology
 
@@ -233,7 +234,7 @@ class Launcher:
             part = checkpoint.load(self.out / f"layer{i}.pt")
             state.update({f"layers.{i}.{k}": v for k, v in part["layer"].items()})
         readout = self.out / "readout.pt"
-        width = sum(cfg.layers[cfg.first_readout :])
+        width = sum(out_widths(cfg.layers, self.data.shape)[cfg.first_readout :])
         use_readout = cfg.uses_readout and readout.is_file()
         state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if use_readout else torch.zeros(self.data.num_classes, width)
         mean, std = input_stats(self.data, cfg.standardize)

@@ -1,15 +1,28 @@
-"""One Forward-Forward layer and its local update. Knows nothing of datasets, processes or sockets.
+"""Forward-Forward layers, the registry of layer kinds, and the local update. Knows nothing of datasets,
+processes or sockets.
 
-The same `FFLayer` and `local_update` serve the in-process trainer (all layers in one loop) and
-the pipeline's layer worker (one layer per process).
+The same layers and `local_update` serve the in-process trainer (all layers in one loop) and the
+pipeline's layer worker (one layer per process). Every layer maps flat rows to flat rows, (B, D_in) ->
+(B, D_out), so the wire and the trainers never care what kind of layer they hold. Kinds (`LAYER_KINDS`):
+
+  500           fully connected, 500 ReLU units (`FFLayer`)
+  conv64k3p2    convolution: 64 channels, 3x3 kernel, stride 1, "same" padding, then 2x2 max pooling
+  lc32k5s2      locally connected (a convolution without weight sharing): 32 channels, 5x5, stride 2
+
+The image kinds see their flat input as (C, H, W). The first one in a net also reads the label that
+`ff.overlay` wrote into the first C inputs, blanks those inputs, and adds a learned label bias to its
+units: per channel for a convolution, per unit for a locally connected layer. For a fully connected
+layer the one-hot overlay already is exactly such a per-unit bias (one weight column per label).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ffpipe import ff
@@ -28,28 +41,99 @@ class _ReLUFullGrad(torch.autograd.Function):
         return grad
 
 
-class FFLayer(nn.Module):
-    """h = relu(W · normalize(x) + b), trained by its own goodness objective."""
+_SPEC = re.compile(r"^(?:(\d+)|(conv|lc)(\d+)(?:k(\d+))?(?:s(\d+))?(?:p(\d+))?)$")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One entry of `--layers`: "500" (fully connected), "conv64k3p2", "lc32k5s2" (see the module doc)."""
+
+    kind: str  # "fc", "conv" or "lc"
+    units: int  # fc: width; conv, lc: output channels
+    kernel: int = 3
+    stride: int = 1
+    pool: int = 1
+
+    @classmethod
+    def parse(cls, spec: int | str) -> LayerSpec:
+        m = _SPEC.match(str(spec).strip().lower())
+        if m is None:
+            raise ValueError(f"layer {spec!r} is not a width (500) or an image layer such as conv64k3p2 or lc32k5s2")
+        if m.group(1):
+            units, kind, kernel, stride, pool = int(m.group(1)), "fc", 1, 1, 1
+        else:
+            kind, units = m.group(2), int(m.group(3))
+            kernel, stride, pool = (int(g) if g else d for g, d in zip(m.group(4, 5, 6), (3, 1, 1)))
+        if min(units, kernel, stride, pool) <= 0:
+            raise ValueError(f"layer {spec!r}: sizes must be positive")
+        return cls(kind, units, kernel, stride, pool)
+
+    @property
+    def image(self) -> bool:
+        return self.kind != "fc"
+
+    def conv_shape(self, in_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(C', H'', W'') of the local map before pooling."""
+        _, h, w = in_shape
+        pad = self.kernel // 2
+        return self.units, (h + 2 * pad - self.kernel) // self.stride + 1, (w + 2 * pad - self.kernel) // self.stride + 1
+
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if not self.image:
+            return (self.units,)
+        if len(in_shape) != 3:
+            raise ValueError(f"layer {self}: an image layer needs an image (C, H, W) input, not {tuple(in_shape)}")
+        c, h, w = self.conv_shape(in_shape)
+        if h // self.pool < 1 or w // self.pool < 1:
+            raise ValueError(f"layer {self}: a {in_shape[1]}x{in_shape[2]} input is too small")
+        return c, h // self.pool, w // self.pool
+
+    def __str__(self) -> str:
+        if not self.image:
+            return str(self.units)
+        return f"{self.kind}{self.units}k{self.kernel}" + (f"s{self.stride}" if self.stride > 1 else "") + (f"p{self.pool}" if self.pool > 1 else "")
+
+
+def plan(layers, in_shape: tuple[int, ...]) -> list[tuple[LayerSpec, tuple[int, ...], tuple[int, ...]]]:
+    """(spec, input shape, output shape) of every layer, for inputs of `in_shape`: (C, H, W), or (D,) for flat
+    inputs when the net is fully connected."""
+    out, shape = [], tuple(in_shape)
+    for spec in map(LayerSpec.parse, layers):
+        nxt = spec.out_shape(shape)
+        out.append((spec, shape, nxt))
+        shape = nxt
+    return out
+
+
+def out_widths(layers, in_shape: tuple[int, ...] | None) -> list[int]:
+    """Every layer's flat output width. A fully connected net needs no input shape."""
+    specs = [LayerSpec.parse(s) for s in layers]
+    if in_shape is None:
+        if any(s.image for s in specs):
+            raise ValueError("a net with image layers needs the input's (C, H, W) to size them")
+        return [s.units for s in specs]
+    return [math.prod(o) for _, _, o in plan(layers, in_shape)]
+
+
+class _FFBase(nn.Module):
+    """What every FF layer shares: goodness, threshold and the local objective over its flat outputs."""
+
+    in_features: int
+    out_features: int
 
     def __init__(self, in_features: int, out_features: int, cfg: LayerConfig):
         super().__init__()
-        self.cfg = cfg
-        self.linear = nn.Linear(in_features, out_features)
-        if cfg.init == "normal":
-            nn.init.normal_(self.linear.weight, mean=0.0, std=1.0 / math.sqrt(out_features))
-            nn.init.zeros_(self.linear.bias)
+        self.cfg, self.in_features, self.out_features = cfg, in_features, out_features
         # Running mean activity of each unit on positive data, for peer normalization.
         self.register_buffer("running_mean", torch.full((out_features,), 0.5))
 
     @property
     def threshold(self) -> float:
         """The goodness threshold: per unit for mean goodness, times the width for sum goodness."""
-        scale = self.linear.out_features if self.cfg.goodness == "sum" else 1
+        scale = self.out_features if self.cfg.goodness == "sum" else 1
         return self.cfg.threshold * scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, D_in) -> (B, H)
-        z = self.linear(ff.normalize(x, self.cfg.norm))
+    def _relu(self, z: torch.Tensor) -> torch.Tensor:
         return _ReLUFullGrad.apply(z) if self.cfg.relu_grad == "full" else torch.relu(z)
 
     def goodness(self, h: torch.Tensor) -> torch.Tensor:
@@ -70,12 +154,119 @@ class FFLayer(nn.Module):
         return loss, g_pos, g_neg
 
 
+class FFLayer(_FFBase):
+    """h = relu(W · normalize(x) + b), trained by its own goodness objective."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: LayerConfig):
+        super().__init__(in_features, out_features, cfg)
+        self.linear = nn.Linear(in_features, out_features)
+        if cfg.init == "normal":
+            nn.init.normal_(self.linear.weight, mean=0.0, std=1.0 / math.sqrt(out_features))
+            nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, D_in) -> (B, H)
+        return self._relu(self.linear(ff.normalize(x, self.cfg.norm)))
+
+
+class _ImageFFLayer(_FFBase):
+    """An FF layer over images: normalize the whole input, local linear map, label bias, ReLU, max pooling.
+
+    Flat in, flat out: (B, C*H*W) -> (B, C'*H'*W')."""
+
+    def __init__(self, spec: LayerSpec, in_shape: tuple[int, int, int], cfg: LayerConfig, label_classes: int):
+        self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), spec.out_shape(in_shape)
+        super().__init__(math.prod(in_shape), math.prod(self.out_shape), cfg)
+        self.label_classes = label_classes
+        if label_classes:
+            mask = torch.ones(self.in_features)
+            mask[:label_classes] = 0  # the overlay's label slots are not image
+            self.register_buffer("image_mask", mask, persistent=False)
+
+    def _label_bias(self, label: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        label = None
+        if self.label_classes:
+            label, x = x[:, : self.label_classes], x * self.image_mask
+        z = self._local(ff.normalize(x, self.cfg.norm).view(b, *self.in_shape))  # (B, C', H'', W'')
+        if label is not None:
+            z = z + self._label_bias(label)
+        h = self._relu(z)
+        if self.spec.pool > 1:
+            h = F.max_pool2d(h, self.spec.pool)
+        return h.flatten(1)
+
+
+class ConvFFLayer(_ImageFFLayer):
+    """A convolutional FF block: weights shared over positions, a label bias per channel."""
+
+    def __init__(self, spec: LayerSpec, in_shape: tuple[int, int, int], cfg: LayerConfig, label_classes: int = 0):
+        super().__init__(spec, in_shape, cfg, label_classes)
+        c = in_shape[0]
+        self.conv = nn.Conv2d(c, spec.units, spec.kernel, spec.stride, padding=spec.kernel // 2)
+        if cfg.init == "normal":
+            nn.init.normal_(self.conv.weight, mean=0.0, std=1.0 / math.sqrt(c * spec.kernel**2))
+            nn.init.zeros_(self.conv.bias)
+        if label_classes:
+            self.label = nn.Parameter(torch.randn(label_classes, spec.units))
+
+    def _local(self, x):
+        return self.conv(x)
+
+    def _label_bias(self, label):
+        return (label @ self.label)[:, :, None, None]  # (B, K) @ (K, C') -> (B, C', 1, 1)
+
+
+class LocalFFLayer(_ImageFFLayer):
+    """A locally connected FF layer (Hinton's CIFAR-10 nets): every position has its own filter and label bias."""
+
+    def __init__(self, spec: LayerSpec, in_shape: tuple[int, int, int], cfg: LayerConfig, label_classes: int = 0):
+        super().__init__(spec, in_shape, cfg, label_classes)
+        c, k = in_shape[0], spec.kernel
+        self.grid = spec.conv_shape(in_shape)[1:]  # (H'', W'') before pooling
+        positions, fan_in = math.prod(self.grid), c * k * k
+        self.weight = nn.Parameter(torch.randn(positions, fan_in, spec.units) / math.sqrt(fan_in))
+        self.bias = nn.Parameter(torch.zeros(spec.units, *self.grid))
+        if label_classes:
+            self.label = nn.Parameter(torch.randn(label_classes, spec.units, *self.grid))
+
+    def _local(self, x):
+        k = self.spec.kernel
+        patches = F.unfold(x, k, padding=k // 2, stride=self.spec.stride)  # (B, C*k*k, P)
+        z = torch.einsum("bfp,pfo->bop", patches, self.weight)  # (B, C', P)
+        return z.view(x.shape[0], self.spec.units, *self.grid) + self.bias
+
+    def _label_bias(self, label):
+        return torch.einsum("bk,kohw->bohw", label, self.label)
+
+
 def make_layer(index: int, in_features: int, out_features: int, cfg: LayerConfig, seed: int) -> FFLayer:
     """Layer `index` initialized from (seed, index) alone, so a worker that holds only this layer builds
     exactly the weights the in-process trainer builds."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + index)
         return FFLayer(in_features, out_features, cfg)
+
+
+LAYER_KINDS = {"fc": FFLayer, "conv": ConvFFLayer, "lc": LocalFFLayer}
+
+
+def build_layer(index: int, spec: int | str | LayerSpec, in_shape: tuple[int, ...], cfg: LayerConfig, seed: int,
+                num_classes: int = 0) -> _FFBase:
+    """Layer `index` of any kind, initialized from (seed, index) alone. An image layer at index 0 reads the
+    label from the first `num_classes` inputs."""
+    spec = spec if isinstance(spec, LayerSpec) else LayerSpec.parse(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        if spec.kind == "fc":
+            return FFLayer(math.prod(in_shape), spec.units, cfg)
+        return LAYER_KINDS[spec.kind](spec, tuple(in_shape), cfg, num_classes if index == 0 else 0)
 
 
 @dataclass
@@ -101,7 +292,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def local_update(layer: FFLayer, optimizer: torch.optim.Optimizer, x_pos: torch.Tensor, x_neg: torch.Tensor) -> StepResult:
+def local_update(layer: _FFBase, optimizer: torch.optim.Optimizer, x_pos: torch.Tensor, x_neg: torch.Tensor) -> StepResult:
     """One optimizer step on this layer alone, then its detached outputs. Nothing else is kept."""
     b = x_pos.shape[0]
     h = layer(torch.cat([x_pos, x_neg]))  # (2B, H): one matmul for both halves

@@ -5,13 +5,15 @@ Used whole by the in-process trainer and by evaluation; the pipeline splits it i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ffpipe import ff
 from ffpipe.config import RunConfig
-from ffpipe.layer import make_layer
+from ffpipe.layer import build_layer, plan
 
 
 def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool) -> torch.Tensor:
@@ -33,11 +35,12 @@ class FFNet(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         c, h, w = in_shape
-        widths = [c * h * w, *cfg.layers]
-        if widths[0] <= num_classes:
-            raise ValueError(f"inputs of {widths[0]} features cannot hold a {num_classes}-class label overlay")
+        if c * h * w <= num_classes:
+            raise ValueError(f"inputs of {c * h * w} features cannot hold a {num_classes}-class label overlay")
+        shapes = plan(cfg.layers, in_shape)
+        self.widths = [math.prod(out) for _, _, out in shapes]
         self.layers = nn.ModuleList(
-            make_layer(k, i, o, cfg.layer, cfg.seed) for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))
+            build_layer(k, spec, shape, cfg.layer, cfg.seed, num_classes) for k, (spec, shape, _) in enumerate(shapes)
         )
         self.readout = nn.Linear(sum(self._readout_widths()), num_classes, bias=False)
         nn.init.zeros_(self.readout.weight)
@@ -46,7 +49,7 @@ class FFNet(nn.Module):
         self.register_buffer("input_std", torch.ones(c))
 
     def _readout_widths(self) -> list[int]:
-        return list(self.cfg.layers[self.cfg.first_readout :])
+        return self.widths[self.cfg.first_readout :]
 
     @property
     def first_scored(self) -> int:

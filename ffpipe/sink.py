@@ -29,11 +29,11 @@ from torch import nn
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import make_optimizer, set_lr
+from ffpipe.layer import make_optimizer, out_widths, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.progress import RunProgress
 from ffpipe.topology import Topology
-from ffpipe.wire import Message, WireError
+from ffpipe.wire import Message, WireError, parse_shape
 
 POLL_MS = 250
 ACK_EVERY_S = 0.2  # how often the sink confirms progress to the source
@@ -147,9 +147,16 @@ class Sink:
 
     # ---- readout (trained here, on the features the layers appended)
 
+    def _readout_width(self, msg: Message) -> int:
+        """Features the layers append for the readout: the flat widths of the layers it reads."""
+        try:
+            return sum(out_widths(self.cfg.layers, parse_shape(msg.scalars.get("shape")))[self.cfg.first_readout :])
+        except (ValueError, WireError) as e:
+            raise ValueError(str(e)) from None
+
     def _readout_step(self, msg: Message, classes: int) -> torch.Tensor:
         feats, y = msg.tensors["feats"], msg.tensors["y"]
-        width = sum(self.cfg.layers[self.cfg.first_readout :])
+        width = self._readout_width(msg)
         if feats.dtype != torch.float32 or feats.shape != (len(y), width):
             raise ValueError(f"feats must be float32 ({len(y)}, {width}), got {feats.dtype} {tuple(feats.shape)}")
         if self.readout is None:
@@ -278,7 +285,7 @@ class Sink:
         if msg.kind == "train":
             if not isinstance(s.get("batch"), int) or isinstance(s.get("batch"), bool) or s["batch"] < 1:
                 raise ValueError(f"train message needs a positive integer batch, got {s.get('batch')!r}")
-            width = sum(self.cfg.layers[self.cfg.first_readout :])
+            width = self._readout_width(msg)
             if "feats" in t and (t["feats"].dtype != torch.float32 or t["feats"].shape != (len(y), width)):
                 raise ValueError(f"feats must be float32 ({len(y)}, {width}), got {t['feats'].dtype} {tuple(t['feats'].shape)}")
         elif msg.kind == "eval":

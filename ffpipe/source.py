@@ -136,7 +136,12 @@ class Source:
         if cfg.uses_readout:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(s.idx), 0)
-        return Message("train", s.seq, s.epoch, {"total": self.total, "classes": c, "batch": s.batch}, tensors)
+        return Message("train", s.seq, s.epoch, {"total": self.total, "classes": c, "batch": s.batch, "shape": self.shape}, tensors)
+
+    @property
+    def shape(self) -> str:
+        """The input images' (C, H, W) as "CxHxW": image layers size themselves from it."""
+        return "x".join(map(str, self.data.shape))
 
     @property
     def eval_split(self):
@@ -157,7 +162,7 @@ class Source:
         if cfg.uses_readout:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(labels), 0)
-        scalars = {"split": name, "round": s.epoch, "batches": self.eval_batches(), "part": s.part, "classes": c,
+        scalars = {"split": name, "round": s.epoch, "batches": self.eval_batches(), "part": s.part, "classes": c, "shape": self.shape,
                    "final": s.epoch == cfg.epochs, "after": s.epoch * self.per_epoch}
         return Message("eval", s.seq, s.epoch, scalars, tensors)
 

@@ -176,3 +176,16 @@ def _finite(t: torch.Tensor) -> bool:
     temporary of isfinite(t).all(), which costs 20x more (it was most of the wire's time per message)."""
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def parse_shape(text) -> tuple[int, ...] | None:
+    """The source's "CxHxW" input shape scalar -> (C, H, W); None when absent."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(p) for p in str(text).split("x"))
+    except ValueError:
+        raise WireError(f"shape must look like 3x32x32, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1 or math.prod(shape) > (1 << 22):
+        raise WireError(f"shape must be three positive sizes, got {text!r}")
+    return shape

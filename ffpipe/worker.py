@@ -19,6 +19,7 @@ Nothing is kept per batch. A malformed message is logged, counted and reported d
 from __future__ import annotations
 
 import collections
+import math
 import re
 import resource
 import signal
@@ -29,16 +30,18 @@ import torch
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import FFLayer, local_update, make_layer, make_optimizer, set_lr
+from ffpipe.layer import build_layer, local_update, make_optimizer, out_widths, plan, set_lr
 from ffpipe.metrics import PeakMemory
 from ffpipe.topology import Topology
-from ffpipe.wire import Message, WireError
+from ffpipe.wire import Message, WireError, parse_shape
 
 POLL_MS = 250  # how often a waiting worker checks for a stop signal
 GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
 MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted as "other")
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
-FORWARDED = {"train": ("total", "classes", "batch"), "eval": ("split", "round", "batches", "part", "classes", "final", "after")}
+FORWARDED = {"train": ("total", "classes", "batch", "shape"),
+             "eval": ("split", "round", "batches", "part", "classes", "final", "after", "shape")}
+
 
 
 def _is_count(v) -> bool:
@@ -68,7 +71,7 @@ class Worker:
             raise ValueError(f"--index {index} is out of range for {len(cfg.layers)} layers")
         self.cfg, self.index, self.topo, self.out, self.device = cfg, index, topo, Path(out), torch.device(device)
         self.timeout_ms = int(peer_timeout_s * 1000)
-        self.layer: FFLayer | None = None  # built on the first batch, whose width gives in_features
+        self.layer: torch.nn.Module | None = None  # built on the first in-order batch (its width, shape and classes)
         self.opt: torch.optim.Optimizer | None = None
         self.epoch = -1
         self.applied = 0
@@ -103,7 +106,7 @@ class Worker:
         """Continue from this layer's checkpoint: weights, optimizer, and which batches it has applied."""
         payload = checkpoint.load(self.path, map_location=str(self.device))
         try:
-            self._ensure_layer(int(payload["in_features"]))
+            self._ensure_layer(int(payload["in_features"]), payload.get("shape"), payload.get("classes", 0))
             self.layer.load_state_dict(payload["layer"])
             self.opt.load_state_dict(payload["optimizer"])
             self.applied, self.last_batch, self.epoch = payload["applied"], payload["last_batch"], payload["epoch"]
@@ -117,16 +120,28 @@ class Worker:
 
     # ---- the FF work, one message at a time
 
-    def _ensure_layer(self, in_features: int) -> FFLayer:
+    def _ensure_layer(self, in_features: int, shape, classes) -> torch.nn.Module:
+        """Build this layer from the first in-order batch: its width, the source's input shape (which sizes
+        image layers) and the class count (which sizes an image layer's label bias)."""
         if self.layer is None:
             cfg = self.cfg
-            expected = cfg.layers[self.index - 1] if self.index > 0 else None
-            if expected is not None and in_features != expected:
-                raise WireError(f"batch of width {in_features}, layer {self.index} takes {expected}")
             if not 0 < in_features <= MAX_INPUT_FEATURES:
                 raise WireError(f"batch of width {in_features} is not a plausible input")
-            self.layer = make_layer(self.index, in_features, cfg.layers[self.index], cfg.layer, cfg.seed).to(self.device)
+            shape = parse_shape(shape)
+            if shape is not None and math.prod(shape) != in_features and self.index == 0:
+                raise WireError(f"batch of width {in_features} does not hold inputs of shape {shape}")
+            try:
+                shapes = plan(cfg.layers, shape if shape is not None else (in_features,)) if shape or self.index == 0 else None
+                expected = math.prod(shapes[self.index][1]) if shapes else (out_widths(cfg.layers, None)[self.index - 1])
+            except ValueError as e:  # image layers and no shape to size them
+                raise WireError(str(e)) from None
+            if in_features != expected:
+                raise WireError(f"batch of width {in_features}, layer {self.index} takes {expected}")
+            in_shape = shapes[self.index][1] if shapes else (in_features,)
+            label_classes = classes if isinstance(classes, int) and 1 < classes < in_features else 0
+            self.layer = build_layer(self.index, cfg.layers[self.index], in_shape, cfg.layer, cfg.seed, label_classes).to(self.device)
             self.opt = make_optimizer(self.layer.parameters(), cfg.optim)
+            self.shape, self.classes = (None if shape is None else "x".join(map(str, shape))), label_classes
         return self.layer
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
@@ -148,8 +163,8 @@ class Worker:
         batch, total = msg.scalars.get("batch"), msg.scalars.get("total")
         if not (_is_count(batch) and _is_count(total) and batch <= total):
             raise WireError(f"train message needs integers 1 <= batch <= total, got batch {batch!r} and total {total!r}")
-        if self.layer is not None and x_pos.shape[1] != self.layer.linear.in_features:
-            raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {self.layer.linear.in_features}")
+        if self.layer is not None and x_pos.shape[1] != self.layer.in_features:
+            raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {self.layer.in_features}")
         if batch > self.last_batch + 1:  # an earlier batch was lost on the way: the source resends from there
             self.out_of_order += 1
             now = time.monotonic()
@@ -158,9 +173,9 @@ class Worker:
             self.gap_notice_at = now
             return Message("gap", msg.seq, msg.epoch, {"layer": self.index, "needs": self.last_batch + 1})
         # only a complete, in-order batch may build the layer (its width decides layer 0's input size)
-        layer = self._ensure_layer(x_pos.shape[1])
-        if x_pos.shape[1] != layer.linear.in_features:
-            raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
+        layer = self._ensure_layer(x_pos.shape[1], msg.scalars.get("shape"), msg.scalars.get("classes"))
+        if x_pos.shape[1] != layer.in_features:
+            raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.in_features}")
         scalars = _upstream_scalars(msg.scalars, "train", self.index, ("loss.", "g_pos.", "g_neg.", "durable."))
         scalars[f"durable.{self.index}"] = self.durable
         if batch <= self.last_batch:  # a batch this layer has learned from already: forward it, never apply it twice
@@ -202,8 +217,8 @@ class Worker:
         if self.layer is None:
             raise WireError(f"an eval batch before layer {self.index} has seen its first train batch")
         layer = self.layer
-        if x_all.shape[1] != layer.linear.in_features:
-            raise WireError(f"eval batch of width {x_all.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
+        if x_all.shape[1] != layer.in_features:
+            raise WireError(f"eval batch of width {x_all.shape[1]}, layer {self.index} takes {layer.in_features}")
         h = layer(x_all)
         if self.index >= self.cfg.first_scored:
             acc = acc + layer.goodness(h).view(b, c).cpu()
@@ -213,11 +228,11 @@ class Worker:
         return Message("eval", msg.seq, msg.epoch, _upstream_scalars(msg.scalars, "eval", self.index, ()), out)
 
     @torch.no_grad()
-    def _neutral(self, layer: FFLayer, t: dict, rows: int) -> dict:
+    def _neutral(self, layer: torch.nn.Module, t: dict, rows: int) -> dict:
         """The neutral-label pass, and this layer's normalized activity appended to the readout's features."""
         x_neu = self._check_rows("x_neu", t["x_neu"], rows)
-        if x_neu.shape[1] != layer.linear.in_features:
-            raise WireError(f"x_neu of width {x_neu.shape[1]}, layer {self.index} takes {layer.linear.in_features}")
+        if x_neu.shape[1] != layer.in_features:
+            raise WireError(f"x_neu of width {x_neu.shape[1]}, layer {self.index} takes {layer.in_features}")
         h_neu = layer(x_neu)
         feats = t["feats"]
         if feats.dtype != torch.float32 or feats.ndim != 2 or feats.shape[0] != rows:
@@ -234,7 +249,7 @@ class Worker:
             return
         checkpoint.save(self.out / f"layer{self.index}.pt", {
             "stop": stop.scalars if stop is not None else None, "stop_seq": stop.seq if stop is not None else 0,
-            "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.linear.in_features,
+            "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.in_features,
             "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
             "applied": self.applied, "last_batch": self.last_batch, "epoch": self.epoch,
         })

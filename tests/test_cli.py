@@ -74,7 +74,8 @@ def test_predict_classifies_image_files(trained, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["run", "--layers", "abc"], "widths"),
+        (["run", "--layers", "abc"], "is not a width"),
+        (["run", "--layers", "500,conv8"], "cannot follow"),
         (["run", "--preset", "fastest"], "unknown preset"),
         (["run", "--dataset", "imagenet"], "dataset must be one of"),
         (["run", "--epochs", "0"], "epochs"),

@@ -102,3 +102,89 @@ def test_optimizer_choices_and_set_lr():
 def test_state_dict_holds_weights_bias_and_peer_mean():
     layer = FFLayer(3, 2, LayerConfig())
     assert set(layer.state_dict()) == {"linear.weight", "linear.bias", "running_mean"}
+
+
+# ---- image layers: the registry, shapes, and their math against written-out references
+
+from ffpipe import ff  # noqa: E402
+from ffpipe.config import preset  # noqa: E402
+from ffpipe.layer import ConvFFLayer, LayerSpec, LocalFFLayer, build_layer, out_widths, plan  # noqa: E402
+
+
+def test_layer_specs_parse_print_and_size_a_cifar_net():
+    assert str(LayerSpec.parse("CONV64p2")) == "conv64k3p2" and str(LayerSpec.parse(" 500 ")) == "500"
+    assert LayerSpec.parse("lc32k5s2") == LayerSpec("lc", 32, 5, 2, 1)
+    shapes = [(str(s), i, o) for s, i, o in plan(["conv64k3p2", "lc32k5s2", 1000], (3, 32, 32))]
+    assert shapes == [("conv64k3p2", (3, 32, 32), (64, 16, 16)), ("lc32k5s2", (64, 16, 16), (32, 8, 8)),
+                      ("1000", (32, 8, 8), (1000,))]
+    assert out_widths(["conv64k3p2", 1000], (3, 32, 32)) == [64 * 16 * 16, 1000]
+    assert out_widths([500, 500], None) == [500, 500]
+    for bad in ("conv", "conv0", "fc500", "-3", "conv8k3p0", "lc8x"):
+        with pytest.raises(ValueError, match="not a width|positive"):
+            LayerSpec.parse(bad)
+    with pytest.raises(ValueError, match="needs the input"):
+        out_widths(["conv8", 10], None)
+    with pytest.raises(ValueError, match="too small"):
+        plan(["conv8p4", "conv8p4", "conv8p4"], (1, 8, 8))
+    with pytest.raises(ValueError, match="cannot follow"):
+        preset("quick", layers=(500, "conv8"))
+    assert preset("quick", layers=("CONV8p2", "500")).layers == ("conv8k3p2", 500)
+
+
+def _image_cfg(**kw):
+    return LayerConfig(peer_norm=0.0, relu_grad="standard", **kw)
+
+
+def test_conv_layer_reads_the_label_from_the_overlay_as_a_channel_bias():
+    classes, shape = 3, (2, 5, 5)
+    layer = build_layer(0, "conv4k3", shape, _image_cfg(), seed=1, num_classes=classes)
+    assert isinstance(layer, ConvFFLayer) and layer.out_features == 4 * 5 * 5
+    x = torch.randn(6, 50)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    xo = ff.overlay(x, y, classes, value=1.0)
+    image = x.clone()
+    image[:, :classes] = 0  # the label slots are not image
+    z = F.conv2d(ff.normalize(image, "rms").view(6, *shape), layer.conv.weight, layer.conv.bias, padding=1)
+    expected = torch.relu(z + layer.label[y][:, :, None, None]).flatten(1)
+    assert_close(layer(xo), expected)
+    # what the overlay covered does not matter; the label does
+    assert_close(layer(ff.overlay(x + 5 * (torch.arange(50) < classes), y, classes)), layer(xo))
+    assert not torch.allclose(layer(ff.overlay(x, (y + 1) % classes, classes)), layer(xo))
+    # deeper image layers take no label
+    assert build_layer(1, "conv4k3", shape, _image_cfg(), seed=1, num_classes=classes).label_classes == 0
+
+
+def test_locally_connected_layer_matches_a_per_position_reference():
+    classes, (c, h, w), k, s = 2, (2, 5, 5), 3, 2
+    layer = build_layer(0, "lc3k3s2p1", (c, h, w), _image_cfg(norm="l2"), seed=0, num_classes=classes)
+    assert isinstance(layer, LocalFFLayer) and layer.grid == (3, 3)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(4, c * h * w)
+    y = torch.tensor([0, 1, 1, 0])
+    xo = ff.overlay(x, y, classes)
+    image = xo.clone()
+    image[:, :classes] = 0
+    padded = F.pad(ff.normalize(image, "l2").view(4, c, h, w), (1, 1, 1, 1))
+    expected = torch.empty(4, 3, 3, 3)
+    for i in range(3):
+        for j in range(3):
+            patch = padded[:, :, i * s : i * s + k, j * s : j * s + k].reshape(4, -1)  # (B, C*k*k), channel-major
+            z = patch @ layer.weight[i * 3 + j] + layer.bias[:, i, j] + layer.label[y][:, :, i, j]
+            expected[:, :, i, j] = torch.relu(z)
+    assert_close(layer(xo), expected.flatten(1))
+
+
+def test_an_image_layer_learns_by_the_same_local_update():
+    layer = build_layer(0, "conv4k3p2", (1, 8, 8), _image_cfg(goodness="sum", threshold=1.0), seed=0, num_classes=10)
+    assert layer.threshold == 4 * 4 * 4  # sum goodness: per unit threshold times the (pooled) units
+    opt = make_optimizer(layer.parameters(), OptimConfig(name="adam", lr=0.01))
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.randn(10, 64, generator=gen)
+    y = torch.randint(0, 10, (200,), generator=gen)
+    x = protos[y] + 0.3 * torch.randn(200, 64, generator=gen)
+    neg = ff.random_wrong_labels(y, 10, gen)
+    losses = [local_update(layer, opt, ff.overlay(x, y, 10), ff.overlay(x, neg, 10)).loss.item() for _ in range(60)]
+    assert losses[-1] < 0.6 * losses[0]
+    # the label bias learned too
+    assert not torch.equal(layer.label.detach(), build_layer(0, "conv4k3p2", (1, 8, 8), _image_cfg(), seed=0, num_classes=10).label)

@@ -44,6 +44,20 @@ def test_pipeline_applies_the_same_updates_as_in_process(tmp_path):
     assert s["test_accuracy"] == pytest.approx(r["test_accuracy"])
 
 
+def test_image_layers_run_as_pipeline_stages_with_the_same_updates(tmp_path):
+    # conv and locally connected stages size themselves from the input shape the source sends; the readout's
+    # features (flattened image activity) reach the sink at the right width
+    common = [*SMALL, "--layers", "conv4k3,lc4k3s2,16", "--epochs", "1", "--negatives", "random", "--predict", "readout",
+              "--no-skip-first", "--seed", "5", "--shift", "1"]
+    _cli("run", *common, "--out", tmp_path / "pipe")
+    _cli("run", "--inprocess", *common, "--out", tmp_path / "inproc")
+    pipe, inproc = (checkpoint.load(tmp_path / d)["model"] for d in ("pipe", "inproc"))
+    assert pipe.keys() == inproc.keys() and "layers.0.label" in pipe and "layers.1.weight" in pipe
+    for key in pipe:
+        assert_close(pipe[key], inproc[key], msg=key)
+    assert _summary(tmp_path / "pipe")["test_accuracy"] == pytest.approx(_summary(tmp_path / "inproc")["test_accuracy"])
+
+
 def test_every_batch_is_accounted_for_and_run_files_are_written(tmp_path):
     out = tmp_path / "run"
     _cli("run", *SMALL, "--layers", "32,32", "--epochs", "3", "--eval-every", "1", "--out", out)  # hard negatives, readout
