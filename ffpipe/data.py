@@ -197,7 +197,8 @@ def _image_folder_dataset(name: str, data_dir: Path, folder: str, classes: list[
     if cached.is_file():
         try:
             t = torch.load(cached, weights_only=True)
-            return Data(name, Split(t["train_x"], t["train_y"]), Split(t["test_x"], t["test_y"]), None, classes, str(root))
+            train, test = Split(t["train_x"], t["train_y"]), Split(t["test_x"], t["test_y"])
+            return Data(name, _mixed(train), _mixed(test), None, classes, str(root))
         except Exception:  # noqa: BLE001 - a bad cache file is rebuilt, never trusted
             cached.unlink(missing_ok=True)
     train = _read_image_folder(root / "train", classes, mode, size)
@@ -206,7 +207,14 @@ def _image_folder_dataset(name: str, data_dir: Path, folder: str, classes: list[
     tmp = cached.with_suffix(".tmp")
     torch.save({"train_x": train.x, "train_y": train.y, "test_x": test.x, "test_y": test.y}, tmp)
     os.replace(tmp, cached)
-    return Data(name, train, test, None, classes, str(root))
+    return Data(name, _mixed(train), _mixed(test), None, classes, str(root))
+
+
+def _mixed(split: Split) -> Split:
+    """Folders list images class by class; a fixed shuffle (the same on every machine) mixes them, so that a
+    validation hold-out from the end, or --train-size from the start, holds every class."""
+    order = torch.randperm(len(split.y), generator=torch.Generator().manual_seed(0))
+    return Split(split.x[order], split.y[order])
 
 
 def _extract(archive: Path) -> Path:
