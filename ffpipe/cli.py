@@ -227,11 +227,13 @@ def eval_(
     split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
     predict: Annotated[Optional[str], typer.Option(help="goodness or readout (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
+    confusion: Annotated[Optional[Path], typer.Option(help="Also draw the confusion matrix (per-class accuracy) to this PNG file.")] = None,
 ) -> None:
-    """Re-evaluate a saved model on a dataset split and print its accuracy as JSON."""
+    """Re-evaluate a saved model on a dataset split; print its accuracy, per-class accuracy and confusion matrix as JSON."""
     from ffpipe import data as datasets
-    from ffpipe.serve import load_model
     from ffpipe.model import evaluate
+    from ffpipe.plots import confusion_matrix, per_class_accuracy, plot_confusion
+    from ffpipe.serve import load_model
 
     try:
         net, meta = load_model(checkpoint, device)
@@ -245,8 +247,13 @@ def eval_(
         if part is None:
             raise ValueError("this run held out no validation set (val_size 0)")
         result = evaluate(net, part.x, part.y, mode=predict)
+        counts = confusion_matrix(result["predictions"], part.y, data.num_classes)
+        if confusion is not None:
+            title = f"{data.name} {split}, {','.join(map(str, cfg.layers))}: accuracy {100 * result['accuracy']:.2f}%"
+            plot_confusion(counts, data.classes, title, confusion)
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "dataset": data.name, "split": split,
-                               "predict": predict or cfg.predict, "samples": len(part), "accuracy": result["accuracy"]}))
+                               "predict": predict or cfg.predict, "samples": len(part), "accuracy": result["accuracy"],
+                               "per_class": dict(zip(data.classes, per_class_accuracy(counts))), "confusion": counts.tolist()}))
     except (ValueError, DataError, CheckpointError) as e:
         raise _fail(str(e)) from None
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -56,6 +57,18 @@ def test_eval_reproduces_the_run_accuracy(trained):
     line = json.loads(result.stdout.strip().splitlines()[-1])
     summary = json.loads((trained / "summary.json").read_text())
     assert line["accuracy"] == pytest.approx(summary["test_accuracy"]) and line["samples"] == 360
+
+
+def test_eval_reports_per_class_accuracy_and_draws_the_confusion_matrix(trained, tmp_path):
+    result = _run("eval", "--checkpoint", trained, "--confusion", tmp_path / "cm.png")
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    counts = torch.tensor(line["confusion"])
+    assert counts.shape == (10, 10) and counts.sum() == 360
+    assert counts.trace().item() / 360 == pytest.approx(line["accuracy"])  # the diagonal is what was right
+    per_class = list(line["per_class"].values())
+    assert per_class == pytest.approx((counts.diagonal() / counts.sum(1)).tolist(), abs=1e-4)
+    assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predict_classifies_image_files(trained, tmp_path):
