@@ -31,7 +31,7 @@ class LayerConfig:
     norm: str = "rms"  # input normalization: "rms" (Hinton's code) or "l2" (the popular example)
     goodness: str = "sum"  # "sum" or "mean" of squared activities
     threshold: float = 1.0  # per unit: sum goodness is compared with threshold * width
-    loss: str = "threshold"  # "threshold": softplus(theta - g_pos) + softplus(g_neg - theta); "symba"
+    loss: str = "threshold"  # "threshold": softplus(theta - g_pos) + softplus(g_neg - theta); "symba"; "competitive"
     symba_alpha: float = 4.0  # SymBa's sharpness (loss = softplus(-alpha * (g_pos - g_neg)))
     peer_norm: float = 0.03  # weight of the peer-normalization loss (0 = off)
     peer_momentum: float = 0.9  # running mean of unit activity for peer normalization
@@ -41,7 +41,7 @@ class LayerConfig:
     def __post_init__(self):
         _choice("norm", self.norm, ("rms", "l2"))
         _choice("goodness", self.goodness, ("sum", "mean"))
-        _choice("loss", self.loss, ("threshold", "symba"))
+        _choice("loss", self.loss, ("threshold", "symba", "competitive"))
         _choice("relu_grad", self.relu_grad, ("full", "standard"))
         _choice("init", self.init, ("normal", "torch"))
         _positive("peer_norm", self.peer_norm, allow_zero=True)
@@ -132,6 +132,8 @@ class RunConfig:
         _positive("log_every", self.log_every)
         _positive("checkpoint_every", self.checkpoint_every)
         _positive("retransmit_s", self.retransmit_s)
+        if self.competitive and self.predict == "readout":
+            raise ValueError("the competitive loss predicts from its class goodness: use --predict goodness with it")
         if self.schedule == "greedy" and self.uses_readout:
             raise ValueError("the greedy schedule trains no readout: use --negatives random and --predict goodness with it")
         try:
@@ -152,9 +154,15 @@ class RunConfig:
         return 1 if len(self.layers) > 1 else 0
 
     @property
+    def competitive(self) -> bool:
+        """Channel-wise competitive FF: no label overlay and no negatives; each layer's units are split into one
+        group per class, and a softmax over the groups' goodness is trained towards the true class."""
+        return self.layer.loss == "competitive"
+
+    @property
     def uses_readout(self) -> bool:
         """The linear readout is trained when it predicts or when it chooses the hard negatives."""
-        return self.predict == "readout" or self.negatives == "hard"
+        return self.predict == "readout" or (self.negatives == "hard" and not self.competitive)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -54,14 +54,17 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
         neg = ff.hard_wrong_labels(logits.cpu(), labels, gen)
     else:
         neg = ff.random_wrong_labels(labels, c, gen)
-    x_pos, x_neg = ff.overlay(x, y, c, value), ff.overlay(x, neg.to(x.device), c, value)
+    if cfg.competitive:  # no overlay, no negatives (drawn all the same, so the pipeline's generator stays in step)
+        x_pos, x_neg = x, None
+    else:
+        x_pos, x_neg = ff.overlay(x, y, c, value), ff.overlay(x, neg.to(x.device), c, value)
     results = []
     for i, (layer, opt) in enumerate(zip(net.layers, opts)):
         if only_layer is not None and i < only_layer:  # greedy: earlier layers are frozen
             with torch.no_grad():
-                x_pos, x_neg = layer(x_pos), layer(x_neg)
+                x_pos, x_neg = layer(x_pos), (None if x_neg is None else layer(x_neg))
             continue
-        r = local_update(layer, opt, x_pos, x_neg)
+        r = local_update(layer, opt, x_pos, x_neg, y)
         results.append(r)
         if only_layer is not None:
             break

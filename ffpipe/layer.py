@@ -139,13 +139,36 @@ class _FFBase(nn.Module):
     def goodness(self, h: torch.Tensor) -> torch.Tensor:
         return ff.goodness(h, self.cfg.goodness)  # (B, H) -> (B,)
 
-    def objective(self, h_pos: torch.Tensor, h_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer's local loss; also returns the goodness of positives and negatives. Updates the peer-norm mean."""
-        g_pos, g_neg = self.goodness(h_pos), self.goodness(h_neg)
-        if self.cfg.loss == "symba":
-            loss = ff.symba_loss(g_pos, g_neg, self.cfg.symba_alpha)
+    channels: int  # units that share a class group: fully connected, every unit; image layers, every channel
+
+    def set_classes(self, num_classes: int) -> None:
+        """For the competitive loss: channel k belongs to class k mod C; `groups` averages each class's channels."""
+        if self.channels < num_classes:
+            raise ValueError(f"the competitive loss needs at least one channel per class: {self.channels} < {num_classes}")
+        owner = torch.arange(self.channels) % num_classes
+        groups = F.one_hot(owner, num_classes).float()
+        self.register_buffer("groups", groups / groups.sum(dim=0), persistent=False)  # (channels, C)
+
+    def class_goodness(self, h: torch.Tensor) -> torch.Tensor:
+        """Mean squared activity of each class's channels. (B, D_out) -> (B, C)"""
+        per_channel = h.view(h.shape[0], self.channels, -1).pow(2).mean(dim=2)  # (B, channels)
+        return per_channel @ self.groups
+
+    def objective(self, h_pos: torch.Tensor, h_neg: torch.Tensor | None, labels: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's local loss; also returns the goodness of positives and negatives. Updates the peer-norm mean.
+        The competitive loss takes the labels instead of negatives; its "negative goodness" is the wrong classes'."""
+        if self.cfg.loss == "competitive":
+            g = self.class_goodness(h_pos)  # (B, C)
+            loss = F.cross_entropy(g, labels)
+            true = F.one_hot(labels, g.shape[1]).bool()
+            g_pos, g_neg = g[true], g[~true]
         else:
-            loss = ff.threshold_loss(g_pos, g_neg, self.threshold)
+            g_pos, g_neg = self.goodness(h_pos), self.goodness(h_neg)
+            if self.cfg.loss == "symba":
+                loss = ff.symba_loss(g_pos, g_neg, self.cfg.symba_alpha)
+            else:
+                loss = ff.threshold_loss(g_pos, g_neg, self.threshold)
         if self.cfg.peer_norm > 0:
             m = self.cfg.peer_momentum
             running = self.running_mean.detach() * m + h_pos.mean(dim=0) * (1 - m)  # (H,), grad through this batch
@@ -159,6 +182,7 @@ class FFLayer(_FFBase):
 
     def __init__(self, in_features: int, out_features: int, cfg: LayerConfig):
         super().__init__(in_features, out_features, cfg)
+        self.channels = out_features
         self.linear = nn.Linear(in_features, out_features)
         if cfg.init == "normal":
             nn.init.normal_(self.linear.weight, mean=0.0, std=1.0 / math.sqrt(out_features))
@@ -177,7 +201,10 @@ class _ImageFFLayer(_FFBase):
     def __init__(self, spec: LayerSpec, in_shape: tuple[int, int, int], cfg: LayerConfig, label_classes: int):
         self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), spec.out_shape(in_shape)
         super().__init__(math.prod(in_shape), math.prod(self.out_shape), cfg)
+        self.channels = spec.units
         self.label_classes = label_classes
+        if label_classes >= self.in_features:
+            raise ValueError(f"inputs of {self.in_features} features cannot hold a {label_classes}-class label overlay")
         if label_classes:
             mask = torch.ones(self.in_features)
             mask[:label_classes] = 0  # the overlay's label slots are not image
@@ -260,19 +287,24 @@ LAYER_KINDS = {"fc": FFLayer, "conv": ConvFFLayer, "lc": LocalFFLayer}
 def build_layer(index: int, spec: int | str | LayerSpec, in_shape: tuple[int, ...], cfg: LayerConfig, seed: int,
                 num_classes: int = 0) -> _FFBase:
     """Layer `index` of any kind, initialized from (seed, index) alone. An image layer at index 0 reads the
-    label from the first `num_classes` inputs."""
+    label from the first `num_classes` inputs (not with the competitive loss, which overlays no label)."""
     spec = spec if isinstance(spec, LayerSpec) else LayerSpec.parse(spec)
+    competitive = cfg.loss == "competitive"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + index)
         if spec.kind == "fc":
-            return FFLayer(math.prod(in_shape), spec.units, cfg)
-        return LAYER_KINDS[spec.kind](spec, tuple(in_shape), cfg, num_classes if index == 0 else 0)
+            layer = FFLayer(math.prod(in_shape), spec.units, cfg)
+        else:
+            layer = LAYER_KINDS[spec.kind](spec, tuple(in_shape), cfg, num_classes if index == 0 and not competitive else 0)
+    if competitive:
+        layer.set_classes(num_classes)
+    return layer
 
 
 @dataclass
 class StepResult:
     h_pos: torch.Tensor  # (B, H) detached outputs, the next layer's inputs
-    h_neg: torch.Tensor
+    h_neg: torch.Tensor | None  # None for the competitive loss, which has no negatives
     loss: torch.Tensor  # () detached; call .item() only when logging (it syncs a GPU)
     g_pos: torch.Tensor  # () mean goodness of positives in this batch
     g_neg: torch.Tensor
@@ -292,14 +324,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def local_update(layer: _FFBase, optimizer: torch.optim.Optimizer, x_pos: torch.Tensor, x_neg: torch.Tensor) -> StepResult:
-    """One optimizer step on this layer alone, then its detached outputs. Nothing else is kept."""
+def local_update(layer: _FFBase, optimizer: torch.optim.Optimizer, x_pos: torch.Tensor, x_neg: torch.Tensor | None,
+                 labels: torch.Tensor | None = None) -> StepResult:
+    """One optimizer step on this layer alone, then its detached outputs. Nothing else is kept.
+    The competitive loss takes `labels` and no negatives (x_neg None)."""
     b = x_pos.shape[0]
-    h = layer(torch.cat([x_pos, x_neg]))  # (2B, H): one matmul for both halves
-    h_pos, h_neg = h[:b], h[b:]
-    loss, g_pos, g_neg = layer.objective(h_pos, h_neg)
+    h = layer(x_pos if x_neg is None else torch.cat([x_pos, x_neg]))  # (2B, H): one matmul for both halves
+    h_pos, h_neg = h[:b], (None if x_neg is None else h[b:])
+    loss, g_pos, g_neg = layer.objective(h_pos, h_neg, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     h = h.detach()
-    return StepResult(h[:b], h[b:], loss.detach(), g_pos.detach().mean(), g_neg.detach().mean())
+    return StepResult(h[:b], None if x_neg is None else h[b:], loss.detach(), g_pos.detach().mean(), g_neg.detach().mean())

@@ -82,8 +82,12 @@ class FFNet(nn.Module):
 
     @torch.no_grad()
     def label_goodness(self, x: torch.Tensor, value: float) -> torch.Tensor:
-        """Goodness of every candidate label, summed over the scored layers. (B, D) -> (B, C)"""
+        """Goodness of every candidate label, summed over the scored layers. (B, D) -> (B, C)
+        The competitive loss needs one pass: each layer's class groups give every label's goodness at once."""
         b, c = x.shape[0], self.num_classes
+        if self.cfg.competitive:
+            acts = self.activities(x)
+            return sum(layer.class_goodness(a) for layer, a in list(zip(self.layers, acts))[self.first_scored :])
         acts = self.activities(ff.overlay_all_labels(x, c, value))  # [(B*C, H)]
         total = sum(layer.goodness(a) for layer, a in list(zip(self.layers, acts))[self.first_scored :])
         return total.view(b, c)

@@ -106,7 +106,7 @@ class Source:
 
     def _negatives(self, idx: torch.Tensor) -> torch.Tensor:
         labels = self.data.train.y[idx]
-        if self.cfg.negatives == "hard":
+        if self.cfg.negatives == "hard" and self.cfg.uses_readout:
             return ff.hard_wrong_labels(self.beliefs[idx], labels, self.gen)
         return ff.random_wrong_labels(labels, self.data.num_classes, self.gen)
 
@@ -132,7 +132,10 @@ class Source:
         labels = self.data.train.y[s.idx]
         x = self._inputs(self.data.train.x[s.idx] if s.images is None else s.images)
         value = label_value(x, cfg.label_value)
-        tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, s.neg, c, value), "y": labels, "idx": s.idx}
+        if cfg.competitive:  # the layers see the plain inputs and learn from the labels; no negatives
+            tensors = {"x_pos": x, "y": labels, "idx": s.idx}
+        else:
+            tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, s.neg, c, value), "y": labels, "idx": s.idx}
         if cfg.uses_readout:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(s.idx), 0)
@@ -158,7 +161,8 @@ class Source:
         images, labels = split.x[i : i + EVAL_BATCH], split.y[i : i + EVAL_BATCH]
         x = self._inputs(images)
         value = label_value(x, cfg.label_value)
-        tensors = {"x_all": ff.overlay_all_labels(x, c, value), "goodness": torch.zeros(len(labels), c), "y": labels}
+        x_all = x if cfg.competitive else ff.overlay_all_labels(x, c, value)  # competitive: one pass scores every label
+        tensors = {"x_all": x_all, "goodness": torch.zeros(len(labels), c), "y": labels}
         if cfg.uses_readout:
             tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(labels), 0)

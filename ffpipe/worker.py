@@ -39,6 +39,7 @@ POLL_MS = 250  # how often a waiting worker checks for a stop signal
 GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
 MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted as "other")
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
+MAX_CLASSES = 100_000
 FORWARDED = {"train": ("total", "classes", "batch", "shape"),
              "eval": ("split", "round", "batches", "part", "classes", "final", "after", "shape")}
 
@@ -106,14 +107,15 @@ class Worker:
         """Continue from this layer's checkpoint: weights, optimizer, and which batches it has applied."""
         payload = checkpoint.load(self.path, map_location=str(self.device))
         try:
-            self._ensure_layer(int(payload["in_features"]), payload.get("shape"), payload.get("classes", 0))
+            # checkpoints written before image layers hold fully connected layers, which need no class count
+            self._ensure_layer(int(payload["in_features"]), payload.get("shape"), payload.get("classes") or 2)
             self.layer.load_state_dict(payload["layer"])
             self.opt.load_state_dict(payload["optimizer"])
             self.applied, self.last_batch, self.epoch = payload["applied"], payload["last_batch"], payload["epoch"]
             self.durable = self.last_batch
             if payload.get("stop") and not payload["stop"].get("source.interrupted"):  # the run's final stop
                 self.passed_stop = Message("stop", payload["stop_seq"], 0, payload["stop"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, WireError) as e:
             raise checkpoint.CheckpointError(f"{self.path}: does not match this run ({type(e).__name__}: {e})") from e
         if self.epoch >= 0:
             set_lr(self.opt, self.cfg.optim.lr * ff.lr_factor(self.epoch, self.cfg.epochs, self.cfg.optim.schedule))
@@ -138,10 +140,15 @@ class Worker:
             if in_features != expected:
                 raise WireError(f"batch of width {in_features}, layer {self.index} takes {expected}")
             in_shape = shapes[self.index][1] if shapes else (in_features,)
-            label_classes = classes if isinstance(classes, int) and 1 < classes < in_features else 0
-            self.layer = build_layer(self.index, cfg.layers[self.index], in_shape, cfg.layer, cfg.seed, label_classes).to(self.device)
+            if not (isinstance(classes, int) and not isinstance(classes, bool) and 1 < classes <= MAX_CLASSES):
+                raise WireError(f"a batch must name its number of classes (2..{MAX_CLASSES}), got {classes!r}")
+            try:
+                layer = build_layer(self.index, cfg.layers[self.index], in_shape, cfg.layer, cfg.seed, classes)
+            except ValueError as e:  # e.g. fewer channels than classes for the competitive loss
+                raise WireError(str(e)) from None
+            self.layer = layer.to(self.device)
             self.opt = make_optimizer(self.layer.parameters(), cfg.optim)
-            self.shape, self.classes = (None if shape is None else "x".join(map(str, shape))), label_classes
+            self.shape, self.classes = (None if shape is None else "x".join(map(str, shape))), classes
         return self.layer
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
@@ -157,8 +164,9 @@ class Worker:
         t = msg.tensors
         x_pos = self._check_rows("x_pos", t["x_pos"])
         b = x_pos.shape[0]
-        x_neg = self._check_rows("x_neg", t["x_neg"], b)
-        if x_neg.shape != x_pos.shape or t["y"].shape != (b,) or t["idx"].shape != (b,):
+        competitive = self.cfg.competitive  # no negatives: the layer learns from the labels
+        x_neg = None if competitive else self._check_rows("x_neg", t["x_neg"], b)
+        if (x_neg is not None and x_neg.shape != x_pos.shape) or t["y"].shape != (b,) or t["idx"].shape != (b,):
             raise WireError(f"train batch of {b} rows needs x_neg {tuple(x_pos.shape)}, y and idx of ({b},)")
         batch, total = msg.scalars.get("batch"), msg.scalars.get("total")
         if not (_is_count(batch) and _is_count(total) and batch <= total):
@@ -176,14 +184,16 @@ class Worker:
         layer = self._ensure_layer(x_pos.shape[1], msg.scalars.get("shape"), msg.scalars.get("classes"))
         if x_pos.shape[1] != layer.in_features:
             raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.in_features}")
+        if competitive and (t["y"].dtype != torch.int64 or not bool(((t["y"] >= 0) & (t["y"] < self.classes)).all())):
+            raise WireError(f"train labels must be int64 in [0, {self.classes})")
         scalars = _upstream_scalars(msg.scalars, "train", self.index, ("loss.", "g_pos.", "g_neg.", "durable."))
         scalars[f"durable.{self.index}"] = self.durable
         if batch <= self.last_batch:  # a batch this layer has learned from already: forward it, never apply it twice
             self.replayed += 1
             with torch.no_grad():
-                h = layer(torch.cat([x_pos, x_neg]))
+                h = layer(x_pos if x_neg is None else torch.cat([x_pos, x_neg]))
             out = {k: t[k] for k in ("y", "idx")}
-            out.update(x_pos=h[:b], x_neg=h[b:])
+            out.update(x_pos=h[:b], **({} if x_neg is None else {"x_neg": h[b:]}))
             if "x_neu" in t:
                 out.update(self._neutral(layer, t, b))
             return Message("train", msg.seq, msg.epoch, scalars, out)
@@ -193,13 +203,13 @@ class Worker:
         out = {"y": t["y"], "idx": t["idx"]}
         if "x_neu" in t:  # neutral pass first, with the weights the in-process trainer would use
             out.update(self._neutral(layer, t, b))
-        r = local_update(layer, self.opt, x_pos, x_neg)
+        r = local_update(layer, self.opt, x_pos, x_neg, self._to(t["y"]) if competitive else None)
         self.applied += 1
         self.last_batch = batch
         if batch % self.cfg.checkpoint_every == 0 or batch == total:
             self.save()
             scalars[f"durable.{self.index}"] = self.durable
-        out.update(x_pos=r.h_pos, x_neg=r.h_neg)
+        out.update(x_pos=r.h_pos, **({} if r.h_neg is None else {"x_neg": r.h_neg}))
         scalars.update({f"loss.{self.index}": r.loss.item(), f"g_pos.{self.index}": r.g_pos.item(), f"g_neg.{self.index}": r.g_neg.item()})
         return Message("train", msg.seq, msg.epoch, scalars, out)
 
@@ -207,8 +217,10 @@ class Worker:
     def on_eval(self, msg: Message) -> Message:
         t = msg.tensors
         x_all, acc = self._check_rows("x_all", t["x_all"]), t["goodness"]
-        if acc.dtype != torch.float32 or acc.ndim != 2 or x_all.shape[0] != acc.shape[0] * acc.shape[1]:
-            raise WireError(f"eval batch needs goodness (B, C) and x_all (B*C, D), got {tuple(acc.shape)} and {tuple(x_all.shape)}")
+        competitive = self.cfg.competitive  # one row per image, not one per (image, label)
+        if acc.dtype != torch.float32 or acc.ndim != 2 or x_all.shape[0] != acc.shape[0] * (1 if competitive else acc.shape[1]):
+            raise WireError(f"eval batch needs goodness (B, C) and x_all ({'B' if competitive else 'B*C'}, D), "
+                            f"got {tuple(acc.shape)} and {tuple(x_all.shape)}")
         b, c = acc.shape
         after = msg.scalars.get("after")  # the train batch this evaluation follows
         if _is_count(after) and after > self.last_batch:  # this layer lost batches (a restart): resent first
@@ -221,7 +233,12 @@ class Worker:
             raise WireError(f"eval batch of width {x_all.shape[1]}, layer {self.index} takes {layer.in_features}")
         h = layer(x_all)
         if self.index >= self.cfg.first_scored:
-            acc = acc + layer.goodness(h).view(b, c).cpu()
+            if competitive:
+                if c != self.classes:
+                    raise WireError(f"eval batch of {c} classes, layer {self.index} has {self.classes}")
+                acc = acc + layer.class_goodness(h).cpu()
+            else:
+                acc = acc + layer.goodness(h).view(b, c).cpu()
         out = {"x_all": h, "goodness": acc, "y": t["y"]}
         if "x_neu" in t:
             out.update(self._neutral(layer, t, b))

@@ -188,3 +188,26 @@ def test_an_image_layer_learns_by_the_same_local_update():
     assert losses[-1] < 0.6 * losses[0]
     # the label bias learned too
     assert not torch.equal(layer.label.detach(), build_layer(0, "conv4k3p2", (1, 8, 8), _image_cfg(), seed=0, num_classes=10).label)
+
+
+def test_competitive_loss_is_cross_entropy_over_each_class_groups_goodness():
+    cfg = LayerConfig(loss="competitive", peer_norm=0.0, relu_grad="standard")
+    fc = build_layer(0, 6, (5,), cfg, seed=0, num_classes=3)
+    h = torch.rand(4, 6)
+    y = torch.tensor([0, 2, 1, 2])
+    # unit k belongs to class k mod 3: class 0 owns units 0 and 3
+    expected = torch.stack([(h[:, [k, k + 3]] ** 2).mean(1) for k in range(3)], dim=1)
+    assert_close(fc.class_goodness(h), expected)
+    loss, g_pos, g_neg = fc.objective(h, None, y)
+    assert_close(loss, F.cross_entropy(expected, y))
+    assert_close(g_pos, expected[torch.arange(4), y])
+    # image layers group channels (over every position); no label is read from the inputs
+    conv = build_layer(0, "conv5k3", (1, 4, 4), cfg, seed=0, num_classes=2)
+    assert conv.label_classes == 0
+    h = torch.rand(3, 5 * 16)
+    per_channel = (h.view(3, 5, 16) ** 2).mean(2)
+    assert_close(conv.class_goodness(h), torch.stack([per_channel[:, [0, 2, 4]].mean(1), per_channel[:, [1, 3]].mean(1)], 1))
+    with pytest.raises(ValueError, match="one channel per class"):
+        build_layer(0, "conv4k3", (1, 4, 4), cfg, seed=0, num_classes=10)
+    r = local_update(fc, make_optimizer(fc.parameters(), OptimConfig(lr=0.1)), torch.rand(4, 5), None, y)
+    assert r.h_neg is None and r.h_pos.shape == (4, 6)

@@ -44,15 +44,20 @@ def test_pipeline_applies_the_same_updates_as_in_process(tmp_path):
     assert s["test_accuracy"] == pytest.approx(r["test_accuracy"])
 
 
-def test_image_layers_run_as_pipeline_stages_with_the_same_updates(tmp_path):
-    # conv and locally connected stages size themselves from the input shape the source sends; the readout's
-    # features (flattened image activity) reach the sink at the right width
-    common = [*SMALL, "--layers", "conv4k3,lc4k3s2,16", "--epochs", "1", "--negatives", "random", "--predict", "readout",
-              "--no-skip-first", "--seed", "5", "--shift", "1"]
+@pytest.mark.parametrize("flags", [
+    # the readout's features (flattened image activity) reach the sink at the right width
+    ["--layers", "conv4k3,lc4k3s2,16", "--negatives", "random", "--predict", "readout", "--no-skip-first"],
+    # competitive loss: no overlay, no negatives, one evaluation pass scores every label
+    ["--layers", "conv10k3,lc10k3s2,20", "--loss", "competitive", "--optimizer", "adam", "--lr", "0.003"],
+], ids=["overlay", "competitive"])
+def test_image_layers_run_as_pipeline_stages_with_the_same_updates(tmp_path, flags):
+    # conv and locally connected stages size themselves from the input shape the source sends
+    common = [*SMALL, *flags, "--epochs", "1", "--seed", "5", "--shift", "1"]
     _cli("run", *common, "--out", tmp_path / "pipe")
     _cli("run", "--inprocess", *common, "--out", tmp_path / "inproc")
     pipe, inproc = (checkpoint.load(tmp_path / d)["model"] for d in ("pipe", "inproc"))
-    assert pipe.keys() == inproc.keys() and "layers.0.label" in pipe and "layers.1.weight" in pipe
+    assert pipe.keys() == inproc.keys() and "layers.1.weight" in pipe
+    assert ("layers.0.label" in pipe) == ("competitive" not in flags)  # competitive nets overlay no label
     for key in pipe:
         assert_close(pipe[key], inproc[key], msg=key)
     assert _summary(tmp_path / "pipe")["test_accuracy"] == pytest.approx(_summary(tmp_path / "inproc")["test_accuracy"])
