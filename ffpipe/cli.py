@@ -78,6 +78,7 @@ def run(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of every FF layer.", rich_help_panel=_PANEL_TRAIN)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="sgd (with momentum) or adam.", rich_help_panel=_PANEL_TRAIN)] = None,
     lr_schedule: Annotated[Optional[str], typer.Option(help="constant, linear-half or cosine.", rich_help_panel=_PANEL_TRAIN)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay of every FF layer's optimizer.", rich_help_panel=_PANEL_TRAIN)] = None,
     negatives: Annotated[Optional[str], typer.Option(help="hard (sampled from the network's belief) or random wrong labels.", rich_help_panel=_PANEL_TRAIN)] = None,
     schedule: Annotated[Optional[str], typer.Option(help="joint (every layer on every batch) or greedy (layer after layer).", rich_help_panel=_PANEL_TRAIN)] = None,
     predict: Annotated[Optional[str], typer.Option(help="goodness (per-label goodness) or readout (neutral pass + linear readout).", rich_help_panel=_PANEL_TRAIN)] = None,
@@ -117,7 +118,7 @@ def run(
     )
     nested = dict(
         layer=dict(norm=norm, goodness=goodness, threshold=threshold, loss=loss, peer_norm=peer_norm),
-        optim=dict(lr=lr, name=optimizer, schedule=lr_schedule),
+        optim=dict(lr=lr, name=optimizer, schedule=lr_schedule, weight_decay=weight_decay),
     )
     try:
         if restart not in ("no", "on-failure"):

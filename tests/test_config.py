@@ -56,3 +56,10 @@ def test_nested_configs_validate():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.preset("quick").epochs = 3
+
+
+def test_seed_preset_follows_the_seed_report_per_dataset():
+    mnist, cifar, fer = (config.preset("seed", dataset=d) for d in ("mnist", "cifar10", "fer2013"))
+    assert (mnist.epochs, mnist.val_size) == (1000, 10_000)  # the example trains on the first 50,000 of 60,000
+    assert (cifar.epochs, cifar.val_size) == (3000, 0) and (fer.epochs, fer.val_size) == (1000, 0)
+    assert config.preset("seed", dataset="cifar10", epochs=5).epochs == 5  # explicit flags still win
