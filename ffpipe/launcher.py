@@ -163,8 +163,22 @@ class Launcher:
         summary = json.loads((self.out / "summary.json").read_text())
         if self.restart != "no":
             summary["restarts"] = self.restarts
-            write_json(self.out / "summary.json", summary)
+        if summary.get("test_accuracy") is None and not summary.get("interrupted", True) and self.data.val is not None:
+            summary.update(self._test_once())
+        write_json(self.out / "summary.json", summary)
         return summary
+
+    def _test_once(self) -> dict:
+        """A run that evaluated on a validation hold-out meets the test set once, at the end (as in-process runs
+        do): the assembled checkpoint, evaluated here in one process."""
+        from ffpipe.model import evaluate
+        from ffpipe.serve import load_model
+
+        t0 = time.perf_counter()
+        net, _ = load_model(self.out, "cpu")
+        accuracy = evaluate(net, self.data.test.x, self.data.test.y)["accuracy"]
+        print(f"ffpipe: test accuracy {accuracy:.4f} (the assembled checkpoint, evaluated once after training)", flush=True)
+        return {"test_accuracy": accuracy, "test_eval_s": round(time.perf_counter() - t0, 2)}
 
     def _write_run_json(self) -> None:
         """Every process of the run (rewritten when one is restarted, with its new pid)."""

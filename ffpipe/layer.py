@@ -199,9 +199,9 @@ class _ImageFFLayer(_FFBase):
     Flat in, flat out: (B, C*H*W) -> (B, C'*H'*W')."""
 
     def __init__(self, spec: LayerSpec, in_shape: tuple[int, int, int], cfg: LayerConfig, label_classes: int):
-        self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), spec.out_shape(in_shape)
-        super().__init__(math.prod(in_shape), math.prod(self.out_shape), cfg)
-        self.channels = spec.units
+        out_shape = spec.out_shape(in_shape)
+        super().__init__(math.prod(in_shape), math.prod(out_shape), cfg)
+        self.spec, self.in_shape, self.out_shape, self.channels = spec, tuple(in_shape), out_shape, spec.units
         self.label_classes = label_classes
         if label_classes >= self.in_features:
             raise ValueError(f"inputs of {self.in_features} features cannot hold a {label_classes}-class label overlay")

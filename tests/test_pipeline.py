@@ -227,3 +227,11 @@ def test_a_pinned_pipeline_runs_each_layer_on_its_core(tmp_path, monkeypatch):
     cores = sorted(os.sched_getaffinity(0))
     assert seen[("layer", 0)] == {cores[0]} and seen[("layer", 1)] == {cores[1 % len(cores)]}
     assert seen[("source", None)] == {cores[0]} and _summary(out)["accounting"]["complete"]
+
+
+def test_a_run_tuned_on_a_hold_out_meets_the_test_set_once_at_the_end(tmp_path):
+    _cli("run", *SMALL, "--layers", "32,32", "--epochs", "1", "--val-size", "200", "--out", tmp_path)
+    s = _summary(tmp_path)
+    assert [h["split"] for h in s["history"]] == ["val"] and s["val_accuracy"] == s["history"][-1]["accuracy"]
+    line = json.loads(_cli("eval", "--checkpoint", tmp_path).stdout.strip().splitlines()[-1])
+    assert line["split"] == "test" and s["test_accuracy"] == pytest.approx(line["accuracy"])
