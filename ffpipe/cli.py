@@ -84,6 +84,7 @@ def run(
     schedule: Annotated[Optional[str], typer.Option(help="joint (every layer on every batch) or greedy (layer after layer).", rich_help_panel=_PANEL_TRAIN)] = None,
     predict: Annotated[Optional[str], typer.Option(help="goodness (per-label goodness) or readout (neutral pass + linear readout).", rich_help_panel=_PANEL_TRAIN)] = None,
     skip_first: Annotated[Optional[bool], typer.Option("--skip-first/--no-skip-first", help="Leave the first layer out of the goodness sum.", rich_help_panel=_PANEL_TRAIN)] = None,
+    score_last: Annotated[Optional[bool], typer.Option("--score-last/--score-all", help="Score labels with the last layer's goodness only (else the sum over layers).", rich_help_panel=_PANEL_TRAIN)] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N epochs (0 = only at the end).", rich_help_panel=_PANEL_TRAIN)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialization, shuffling and negatives.", rich_help_panel=_PANEL_RUN)] = None,
     device: Annotated[Optional[str], typer.Option(help="Torch device: cpu, cuda, cuda:1, ...", envvar="FFPIPE_DEVICE", rich_help_panel=_PANEL_RUN)] = None,
@@ -114,7 +115,7 @@ def run(
     flags = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
         train_size=train_size, shift=shift, flip=flip, standardize=standardize, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
-        predict=predict, skip_first=skip_first, eval_every=eval_every, seed=seed, device=device, threads=threads,
+        predict=predict, skip_first=skip_first, score_last=score_last, eval_every=eval_every, seed=seed, device=device, threads=threads,
         out=str(out) if out else None, checkpoint_every=checkpoint_every, retransmit_s=retransmit_after,
     )
     nested = dict(

@@ -96,6 +96,7 @@ class RunConfig:
     # prediction
     predict: str = "goodness"  # "goodness": argmax of per-label goodness; "readout": one neutral pass + linear
     skip_first: bool = True  # leave the first hidden layer out of the goodness sum (Hinton does)
+    score_last: bool = False  # only the last layer's goodness scores the labels (overrides skip_first)
     # machinery
     seed: int = 0
     device: str = "cpu"
@@ -120,7 +121,7 @@ class RunConfig:
             if after.image and not before.image:
                 raise ValueError(f"image layer {after} cannot follow the fully connected layer {before}: put image layers first")
         object.__setattr__(self, "layers", tuple(s.units if not s.image else str(s) for s in specs))
-        if self.skip_first and self.predict == "goodness" and len(self.layers) < 2:
+        if self.skip_first and not self.score_last and self.predict == "goodness" and len(self.layers) < 2:
             raise ValueError("skip_first needs at least two layers; pass --no-skip-first for a one-layer net")
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
@@ -146,6 +147,8 @@ class RunConfig:
     @property
     def first_scored(self) -> int:
         """Index of the first layer whose goodness counts towards prediction."""
+        if self.score_last:
+            return len(self.layers) - 1
         return 1 if self.skip_first and len(self.layers) > 1 else 0
 
     @property

@@ -63,3 +63,9 @@ def test_seed_preset_follows_the_seed_report_per_dataset():
     assert (mnist.epochs, mnist.val_size) == (1000, 10_000)  # the example trains on the first 50,000 of 60,000
     assert (cifar.epochs, cifar.val_size) == (3000, 0) and (fer.epochs, fer.val_size) == (1000, 0)
     assert config.preset("seed", dataset="cifar10", epochs=5).epochs == 5  # explicit flags still win
+
+
+def test_score_last_scores_with_the_last_layer_only():
+    assert config.preset("quick", layers=(50, 40, 30), score_last=True).first_scored == 2
+    assert config.preset("quick", layers=(50, 40, 30)).first_scored == 1
+    assert config.preset("quick", layers=(50,), score_last=True).first_scored == 0  # one layer needs no --no-skip-first
