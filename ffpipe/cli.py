@@ -67,6 +67,7 @@ def run(
     train_size: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (0 = all); for quick experiments and benchmarks.", rich_help_panel=_PANEL_DATA)] = None,
     shift: Annotated[Optional[int], typer.Option(help="Augmentation: translate training images by up to N pixels (0 = off).", rich_help_panel=_PANEL_DATA)] = None,
     standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Subtract each channel's training mean and divide by its std.", rich_help_panel=_PANEL_DATA)] = None,
+    equalize: Annotated[Optional[bool], typer.Option("--equalize/--no-equalize", help="Histogram-equalize every image (train, test, predict) before anything else.", rich_help_panel=_PANEL_DATA)] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Augmentation: mirror training images left-right at random (CIFAR-10, FER2013).", rich_help_panel=_PANEL_DATA)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Hidden layers: widths (1000,1000,1000) and/or image layers first (conv64k3p2,lc32k5s2,1000).", rich_help_panel=_PANEL_MODEL)] = None,
     norm: Annotated[Optional[str], typer.Option(help="Input normalization of every layer: rms or l2.", rich_help_panel=_PANEL_MODEL)] = None,
@@ -114,7 +115,7 @@ def run(
 
     flags = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
-        train_size=train_size, shift=shift, flip=flip, standardize=standardize, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+        train_size=train_size, shift=shift, flip=flip, standardize=standardize, equalize=equalize, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
         predict=predict, skip_first=skip_first, score_last=score_last, eval_every=eval_every, seed=seed, device=device, threads=threads,
         out=str(out) if out else None, checkpoint_every=checkpoint_every, retransmit_s=retransmit_after,
     )

@@ -80,6 +80,7 @@ class RunConfig:
     val_size: int = 0  # images held out from the end of the training set; 0 = evaluate on the test set
     train_size: int = 0  # train on only the first N training images (after the hold-out); 0 = all
     standardize: bool = False  # subtract the dataset mean and divide by its std (the popular example does)
+    equalize: bool = False  # histogram-equalize every image first (train, test and `ffpipe predict` alike)
     label_value: float | None = 1.0  # value written into the one-hot label slot; None = the batch's max pixel
     shift: int = 0  # augmentation: translate each training image by up to this many pixels (0 = off)
     flip: bool = False  # augmentation: mirror training images left-right at random (not for digits)

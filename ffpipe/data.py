@@ -371,10 +371,18 @@ def hold_out(data: Data, val_size: int, train_size: int = 0) -> Data:
     return data
 
 
-def input_stats(data: Data, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel (mean, std) inputs are standardized with: the training set's, or (0, 1) when off."""
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """Per-image histogram equalization of uint8 images (B, C, H, W): every image spreads over the whole range."""
+    from torchvision.transforms.v2.functional import equalize as tv_equalize
+
+    return tv_equalize(images)
+
+
+def input_stats(data: Data, standardize: bool, equalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (mean, std) inputs are standardized with: the training set's (after equalization when
+    that is on), or (0, 1) when off."""
     if standardize:
-        return channel_stats(data.train.x)
+        return channel_stats(equalize(data.train.x) if equalized else data.train.x)
     c = data.shape[0]
     return torch.zeros(c), torch.ones(c)
 

@@ -33,7 +33,7 @@ def set_threads(threads: int) -> int:
 def build(cfg: RunConfig, data: Data) -> FFNet:
     torch.manual_seed(cfg.seed)
     net = FFNet(data.shape, data.num_classes, cfg)
-    mean, std = input_stats(data, cfg.standardize)
+    mean, std = input_stats(data, cfg.standardize, cfg.equalize)
     net.input_mean.copy_(mean)
     net.input_std.copy_(std)
     return net.to(cfg.device)

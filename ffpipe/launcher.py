@@ -251,7 +251,7 @@ class Launcher:
         width = sum(out_widths(cfg.layers, self.data.shape)[cfg.first_readout :])
         use_readout = cfg.uses_readout and readout.is_file()
         state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if use_readout else torch.zeros(self.data.num_classes, width)
-        mean, std = input_stats(self.data, cfg.standardize)
+        mean, std = input_stats(self.data, cfg.standardize, cfg.equalize)
         state.update(input_mean=mean, input_std=std)
         checkpoint.save(self.out / checkpoint.FILENAME, {
             "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,

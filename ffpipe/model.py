@@ -13,11 +13,16 @@ from torch import nn
 
 from ffpipe import ff
 from ffpipe.config import RunConfig
+from ffpipe.data import equalize
 from ffpipe.layer import build_layer, plan
 
 
-def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool) -> torch.Tensor:
-    """uint8 images to flat float inputs in [0, 1], optionally standardized per channel. (B, C, H, W) -> (B, D)"""
+def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool,
+                   equalized: bool = False) -> torch.Tensor:
+    """uint8 images to flat float inputs in [0, 1], optionally equalized per image and standardized per channel.
+    (B, C, H, W) -> (B, D)"""
+    if equalized:
+        images = equalize(images)
     x = images.to(mean.device, torch.float32).div_(255)
     if standardize:
         x = (x - mean[:, None, None]) / std[:, None, None]
@@ -57,7 +62,7 @@ class FFNet(nn.Module):
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images to flat float inputs. (B, C, H, W) -> (B, D)"""
-        return prepare_inputs(images, self.input_mean, self.input_std, self.cfg.standardize)
+        return prepare_inputs(images, self.input_mean, self.input_std, self.cfg.standardize, self.cfg.equalize)
 
     def label_value(self, x: torch.Tensor) -> float:
         return label_value(x, self.cfg.label_value)

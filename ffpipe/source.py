@@ -68,7 +68,7 @@ class Source:
         self.cfg, self.data, self.topo = cfg, data, topo
         self.timeout_s = peer_timeout_s
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.mean, self.std = input_stats(data, cfg.standardize)
+        self.mean, self.std = input_stats(data, cfg.standardize, cfg.equalize)
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
         self.stopping = False
         self.skip = skip  # train batches every layer and the sink hold already (restart, resume): drawn, not sent
@@ -96,7 +96,7 @@ class Source:
     # ---- what the stream holds
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return prepare_inputs(images, self.mean, self.std, self.cfg.standardize)
+        return prepare_inputs(images, self.mean, self.std, self.cfg.standardize, self.cfg.equalize)
 
     def _augmented(self, idx: torch.Tensor) -> torch.Tensor | None:
         """The batch's images after augmentation, or None when augmentation is off (the dataset's own)."""

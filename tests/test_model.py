@@ -58,3 +58,21 @@ def test_evaluate_counts_correct_predictions():
     result = evaluate(net, images, labels, batch_size=7)
     assert abs(result["accuracy"] - 20 / 30) < 1e-6
     assert torch.equal(result["predictions"], preds)
+
+
+def test_equalize_makes_inputs_independent_of_contrast():
+    import torch
+
+    from ffpipe.model import prepare_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 1, 32, 32), generator=gen, dtype=torch.uint8)  # torchvision leaves < 256 pixels alone
+    low_contrast = (images.float() * 0.3 + 90).round().to(torch.uint8)  # a monotone map of the same pictures
+    zero, one = torch.zeros(1), torch.ones(1)
+    plain = prepare_inputs(images, zero, one, False)
+    assert not torch.allclose(plain, prepare_inputs(low_contrast, zero, one, False))
+    eq_low = prepare_inputs(low_contrast, zero, one, False, equalized=True)
+    eq = prepare_inputs(images, zero, one, False, equalized=True)
+    # equalization depends (up to the ties the map made) only on the order of pixel values, which the map kept
+    assert (eq_low - eq).abs().mean() < 0.5 * (prepare_inputs(low_contrast, zero, one, False) - plain).abs().mean()
+    assert eq_low.std() > 2 * prepare_inputs(low_contrast, zero, one, False).std()  # contrast restored
