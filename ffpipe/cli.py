@@ -335,8 +335,11 @@ def bench(
     from ffpipe.bench import BenchOptions, bench as run_bench
 
     try:
+        widths = _parse_layers(layers)
+        if any(isinstance(w, str) for w in widths):
+            raise ValueError("ffpipe bench compares fully connected nets with their backprop twins: give widths, e.g. 1000,1000")
         opts = BenchOptions(
-            dataset="synthetic" if synthetic else dataset, data_dir=str(data_dir), layers=_parse_layers(layers),
+            dataset="synthetic" if synthetic else dataset, data_dir=str(data_dir), layers=widths,
             batch_size=batch_size, variants=tuple(v.strip() for v in variants.split(",") if v.strip()), devices=devices,
             threads=threads, steps=steps, microbatches=microbatches, stages=_parse_list(stages, int, "--stages"),
             in_flight=_parse_list(in_flight, int, "--in-flight"), to_accuracy=_parse_list(to_accuracy, float, "--to-accuracy"),

@@ -116,6 +116,7 @@ def test_bad_options_fail_with_one_line(tmp_path):
         (["--steps", "1"], "--steps must be >= 2"),
         (["--to-accuracy", "98"], "accuracies in (0, 1]"),
         (["--devices", "tpu"], "--devices must be cpu or cuda"),
+        (["--layers", "conv8k3,64"], "give widths"),
         (["--dataset", "mnist", "--data-dir", tmp_path / "nowhere"], str(tmp_path / "nowhere")),
     ):
         result = _bench(*args, "--out", tmp_path / "b")
