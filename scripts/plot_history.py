@@ -26,10 +26,12 @@ def main() -> None:
         s = json.loads((run / "summary.json").read_text())
         h = s["history"]
         xs = [r["epoch"] if a.x == "epoch" else r.get("train_s", r["wall_s"]) / 60 for r in h]
-        label = f"{s['dataset']} {s['preset']} {s['mode']} ({','.join(map(str, s['layers']))})"
+        loss = s.get("config", {}).get("layer", {}).get("loss", "")
+        recipe = s["preset"] if s["preset"] in ("hinton", "seed") else f"{loss} loss"
+        label = f"{s['dataset']} {recipe}, {s['mode']} ({','.join(map(str, s['layers']))}) [{h[-1].get('split', 'test')}]"
         ax.plot(xs, [100 * r["accuracy"] for r in h], marker=".", label=label)
     ax.set_xlabel("epoch" if a.x == "epoch" else "training minutes")
-    ax.set_ylabel(f"{h[-1].get('split', 'test')} accuracy (%)")
+    ax.set_ylabel("accuracy (%) on the split in brackets")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
