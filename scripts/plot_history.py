@@ -28,7 +28,8 @@ def main() -> None:
         xs = [r["epoch"] if a.x == "epoch" else r.get("train_s", r["wall_s"]) / 60 for r in h]
         loss = s.get("config", {}).get("layer", {}).get("loss", "")
         recipe = s["preset"] if s["preset"] in ("hinton", "seed") else f"{loss} loss"
-        label = f"{s['dataset']} {recipe}, {s['mode']} ({','.join(map(str, s['layers']))}) [{h[-1].get('split', 'test')}]"
+        recipe += ", equalized" if s.get("config", {}).get("equalize") else ""
+        label = f"{s['dataset']} {recipe}, {s['mode']} ({','.join(map(str, s['layers']))}), {s['epochs']} epochs [{h[-1].get('split', 'test')}]"
         ax.plot(xs, [100 * r["accuracy"] for r in h], marker=".", label=label)
     ax.set_xlabel("epoch" if a.x == "epoch" else "training minutes")
     ax.set_ylabel("accuracy (%) on the split in brackets")
