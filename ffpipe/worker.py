@@ -130,16 +130,17 @@ class Worker:
             if not 0 < in_features <= MAX_INPUT_FEATURES:
                 raise WireError(f"batch of width {in_features} is not a plausible input")
             shape = parse_shape(shape)
-            if shape is not None and math.prod(shape) != in_features and self.index == 0:
-                raise WireError(f"batch of width {in_features} does not hold inputs of shape {shape}")
             try:
-                shapes = plan(cfg.layers, shape if shape is not None else (in_features,)) if shape or self.index == 0 else None
-                expected = math.prod(shapes[self.index][1]) if shapes else (out_widths(cfg.layers, None)[self.index - 1])
-            except ValueError as e:  # image layers and no shape to size them
+                if shape is not None:  # the dataset's (C, H, W): the plan sizes every layer from it
+                    in_shape = plan(cfg.layers, shape)[self.index][1]
+                elif self.index == 0:
+                    in_shape = (in_features,)
+                else:  # a fully connected net needs no shape (an image net fails here, for want of one)
+                    in_shape = (out_widths(cfg.layers, None)[self.index - 1],)
+            except ValueError as e:
                 raise WireError(str(e)) from None
-            if in_features != expected:
-                raise WireError(f"batch of width {in_features}, layer {self.index} takes {expected}")
-            in_shape = shapes[self.index][1] if shapes else (in_features,)
+            if in_features != math.prod(in_shape):
+                raise WireError(f"batch of width {in_features}, layer {self.index} takes {math.prod(in_shape)}")
             if not (isinstance(classes, int) and not isinstance(classes, bool) and 1 < classes <= MAX_CLASSES):
                 raise WireError(f"a batch must name its number of classes (2..{MAX_CLASSES}), got {classes!r}")
             try:

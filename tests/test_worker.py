@@ -89,3 +89,27 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     assert saved["applied"] == 3 and saved["last_batch"] == 3
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(saved["layer"][key], value)
+
+
+def test_an_image_layer_is_sized_from_the_shape_the_batch_names(tmp_path):
+    from ffpipe.wire import WireError
+    from ffpipe.worker import Worker
+
+    cfg = config.preset("quick", layers=("conv4k3p2", 16), epochs=1, negatives="random", out=str(tmp_path))
+
+    def batch(width, shape, classes=10):
+        m = _train(1, torch.rand(2, width), torch.rand(2, width))
+        m.scalars.update(shape=shape, classes=classes)
+        return m
+
+    with pytest.raises(WireError, match=r"\(C, H, W\)"):  # layer 1 of an image net cannot size itself without it
+        Worker(cfg, 1, Topology.local(2), tmp_path).on_train(batch(4 * 4 * 4, None))
+    with pytest.raises(WireError, match="takes 64"):  # 1x8x8 -> conv4, pooled 4x4
+        Worker(cfg, 1, Topology.local(2), tmp_path).on_train(batch(65, "1x8x8"))
+    with pytest.raises(WireError, match="shape must"):
+        Worker(cfg, 0, Topology.local(2), tmp_path).on_train(batch(64, "8x8"))
+    with pytest.raises(WireError, match="number of classes"):
+        Worker(cfg, 0, Topology.local(2), tmp_path).on_train(batch(64, "1x8x8", classes=True))
+    layer1 = Worker(cfg, 1, Topology.local(2), tmp_path)
+    out = layer1.on_train(batch(64, "1x8x8"))
+    assert out.tensors["x_pos"].shape == (2, 16) and layer1.layer.in_features == 64
