@@ -129,7 +129,7 @@ def test_cifar10_image_folders_and_cache(tmp_path):
     assert torch.equal(first.train.y.sort().values, torch.arange(10).repeat_interleave(2))
     assert len(set(first.train.y[-10:].tolist())) > 3
     for label, cls in enumerate(data.CIFAR10_CLASSES):  # every image still carries its folder's label
-        image = torch.from_numpy(np.asarray(Image.open(tmp_path / "cifar10" / "train" / cls / "1.png"))).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(Image.open(tmp_path / "cifar10" / "train" / cls / "1.png"))).permute(2, 0, 1)
         assert first.train.y[(first.train.x == image).flatten(1).all(1)].tolist() == [label]
     assert list(data.cache_dir().glob("cifar10-*.pt"))
     again = data.load("cifar10", tmp_path, download=False)  # from the cache
@@ -146,7 +146,7 @@ def test_fer2013_folders_in_a_tar_archive_use_the_official_label_order(tmp_path)
     assert d.shape == (1, 48, 48) and len(d.train) == 7
     assert d.classes == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
     for name in sorted(data.FER_CLASSES):  # labels follow FER2013's order, not the folders'
-        image = torch.from_numpy(np.asarray(Image.open(src / "fer2013" / "train" / name / "0.png")))
+        image = torch.from_numpy(np.array(Image.open(src / "fer2013" / "train" / name / "0.png")))
         assert d.train.y[(d.train.x[:, 0] == image).flatten(1).all(1)].tolist() == [d.classes.index(name)]
     assert (data.cache_dir() / "fer2013-jpg" / "fer2013" / "train").is_dir()
 
