@@ -76,6 +76,7 @@ class Sink:
         self.heard: dict[str, tuple[float, dict]] = {}  # role -> (when its last heartbeat came, what it said)
         self.silent: set[str] = set()
         self.silences: dict[str, list[float]] = {}  # role -> how long each silence lasted
+        self.readout_widths: dict = {}  # input shape scalar -> width of the readout's features
         self.stop: Message | None = None  # the stop, once taken (kept in sink.pt: a restart then only writes the summary)
         if resume:
             self._load()
@@ -149,10 +150,14 @@ class Sink:
 
     def _readout_width(self, msg: Message) -> int:
         """Features the layers append for the readout: the flat widths of the layers it reads."""
-        try:
-            return sum(out_widths(self.cfg.layers, parse_shape(msg.scalars.get("shape")))[self.cfg.first_readout :])
-        except (ValueError, WireError) as e:
-            raise ValueError(str(e)) from None
+        shape = msg.scalars.get("shape")
+        if shape not in self.readout_widths:  # one plan per input shape, not one per message
+            try:
+                widths = out_widths(self.cfg.layers, parse_shape(shape))
+            except (ValueError, WireError) as e:
+                raise ValueError(str(e)) from None
+            self.readout_widths[shape] = sum(widths[self.cfg.first_readout :])
+        return self.readout_widths[shape]
 
     def _readout_step(self, msg: Message, classes: int) -> torch.Tensor:
         feats, y = msg.tensors["feats"], msg.tensors["y"]
