@@ -114,7 +114,10 @@ class Launcher:
         if role == "sink" and not self.show_progress:
             cmd += ["--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1", "FFPIPE_LAUNCHER_PID": str(os.getpid())}
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        # its own session: a terminal's Ctrl-C or `timeout` signals the launcher's process group, and the launcher
+        # alone orders the stop (the source stops sending, the pipeline drains, every layer checkpoints); a child
+        # still dies with the launcher (die_with_launcher)
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         cores = self.cores.get(role if index is None else f"{role}{index}")
         if cores:  # before the child starts its threads (torch, ZeroMQ), which inherit the mask
             try:
@@ -154,11 +157,18 @@ class Launcher:
         self._write_run_json()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._watch()
+            stopped = self._watch()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self._kill_all()
+        if stopped:
+            held = all((self.out / f"layer{i}.pt").is_file() for i in range(len(self.cfg.layers)))
+            if held:
+                self.assemble_checkpoint()
+            raise PipelineError("stopped on request before the run finished; " + (
+                f"{self.out / checkpoint.FILENAME} holds the layers as they stopped (ffpipe eval), " if held else "")
+                + f"--resume {self.out} continues the run")
         self.assemble_checkpoint()
         summary = json.loads((self.out / "summary.json").read_text())
         if self.restart != "no":
@@ -175,7 +185,7 @@ class Launcher:
         from ffpipe.serve import load_model
 
         t0 = time.perf_counter()
-        net, _ = load_model(self.out, "cpu")
+        net, _ = load_model(self.out, self.devices[0])  # the first layer's device: a GPU when the run had one
         accuracy = evaluate(net, self.data.test.x, self.data.test.y)["accuracy"]
         print(f"ffpipe: test accuracy {accuracy:.4f} (the assembled checkpoint, evaluated once after training)", flush=True)
         return {"test_accuracy": accuracy, "test_eval_s": round(time.perf_counter() - t0, 2)}
@@ -201,7 +211,8 @@ class Launcher:
             else:  # everything is already sent: let the pipeline drain as it would have
                 self.stop_requested_at = None
 
-    def _watch(self) -> None:
+    def _watch(self) -> bool:
+        """Until every child has exited; True when they stopped on request before the run finished."""
         while True:
             for k, c in enumerate(self.children):
                 rc = c.proc.poll()
@@ -220,9 +231,7 @@ class Launcher:
             if all(c.proc.poll() == 0 for c in self.children):
                 summary = self.out / "summary.json"
                 interrupted = not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True)
-                if self.stop_requested_at is not None and interrupted:
-                    raise PipelineError("stopped on request before the run finished; layer checkpoints are in " + str(self.out))
-                return
+                return self.stop_requested_at is not None and interrupted
             if self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > STOP_GRACE_S:
                 alive = [c.name for c in self.children if c.proc.poll() is None]
                 raise PipelineError(f"stop requested but {', '.join(alive)} did not finish within {STOP_GRACE_S:g}s; killed")
@@ -243,9 +252,10 @@ class Launcher:
     def assemble_checkpoint(self) -> None:
         """Layer checkpoints + the sink's readout -> one checkpoint.pt that `ffpipe eval`/`predict` load."""
         cfg = self.cfg
-        state = {}
+        state, batches = {}, []  # batches: the last train batch each layer applied
         for i in range(len(cfg.layers)):
             part = checkpoint.load(self.out / f"layer{i}.pt")
+            batches.append(part["last_batch"])
             state.update({f"layers.{i}.{k}": v for k, v in part["layer"].items()})
         readout = self.out / "readout.pt"
         width = sum(out_widths(cfg.layers, self.data.shape)[cfg.first_readout :])
@@ -254,7 +264,7 @@ class Launcher:
         mean, std = input_stats(self.data, cfg.standardize, cfg.equalize)
         state.update(input_mean=mean, input_std=std)
         checkpoint.save(self.out / checkpoint.FILENAME, {
-            "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,
+            "config": cfg.to_json(), "model": state, "epoch": cfg.epochs, "batches": batches,
             "data": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
         })
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from ffpipe import checkpoint
 from ffpipe.cli import app
+from ffpipe.serve import load_model
 
 runner = CliRunner()
 SMALL = ["--dataset", "digits", "--batch-size", "50", "--quiet"]
@@ -138,12 +139,13 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_within_ten_seconds_with_checkpoints(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_every_process_within_ten_seconds_with_checkpoints(tmp_path, sig):
     proc, out = _start(tmp_path)
     _wait_until(proc, _training(out))
     pids = [p["pid"] for p in json.loads((out / "run.json").read_text())["processes"]]
     t0 = time.monotonic()
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C (SIGINT) or `timeout` (SIGTERM) does: the whole process group
     output, _ = proc.communicate(timeout=15)
     assert time.monotonic() - t0 < 10, output
     assert proc.returncode == 1 and "stopped on request" in output
@@ -153,6 +155,9 @@ def test_ctrl_c_stops_every_process_within_ten_seconds_with_checkpoints(tmp_path
         assert layer["applied"] > 0 and torch.isfinite(layer["layer"]["linear.weight"]).all()
     s = _summary(out)
     assert s["interrupted"] and s["accounting"]["complete"]  # what was sent before the stop all arrived
+    net, _ = load_model(out)  # the stopped run's layers, assembled for ffpipe eval
+    stopped = checkpoint.load(out / "layer0.pt")["layer"]["linear.weight"]
+    assert torch.equal(net.state_dict()["layers.0.linear.weight"], stopped)
 
 
 @pytest.mark.slow
