@@ -199,9 +199,11 @@ def derive(records: list[dict], cores: int) -> None:
                 r["vs_ideal_l_over_2_bp"] = round(sps / (workers / 2 * bp), 3)
 
 
-def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict, command: str) -> None:
+def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict, command: str, stopped: str | None = None) -> None:
     L = []
     L.append(f"# ffpipe bench: {o.dataset}, layers {','.join(map(str, o.layers))}, batch {o.batch_size}, {o.threads} thread(s) per process\n")
+    if stopped:
+        L.append(f"**Stopped early**: these are the first {stopped}.\n")
     L.append(f"Machine: {info['cpu']}, {info['cores']} cores" + (f", GPUs: {', '.join(info['gpus'])}" if info.get("gpus") else "")
              + f"; torch {info['torch']}, Python {info['python']}. Devices: {o.devices}.\n")
     L.append(f"Command: `{command}`\n")
@@ -375,21 +377,27 @@ def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     info = machine()
     echo(f"ffpipe bench: {len(specs)} runs on {o.dataset} ({', '.join(o.variants)}); layers {list(o.layers)}, batch {o.batch_size}, "
          f"{o.threads} thread(s) per process, {info['cores']} cores; writing {out}/")
-    records = []
+    records, stopped = [], None
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         for i, spec in enumerate(specs, 1):
             r = run_one(spec, o.accuracy_timeout_s if spec["kind"] == "accuracy" else o.timeout_s)
             records.append(r)
             _report(r, _describe(spec, i, len(specs)), echo)
+    except (KeyboardInterrupt, SystemExit) as e:  # stopped (Ctrl-C, SIGTERM): keep what was measured, then exit
+        stopped = e
+        echo(f"ffpipe bench: stopped after {len(records)} of {len(specs)} runs; writing those")
     finally:
         signal.signal(signal.SIGTERM, previous)
     derive(records, info["cores"] or 1)
-    result = {"options": asdict(o), "command": command, "machine": info, "records": records}
+    result = {"options": asdict(o), "command": command, "machine": info, "records": records,
+              "stopped_after": None if stopped is None else f"{len(records)} of {len(specs)} runs"}
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out / "bench.json")
-    write_markdown(out / "bench.md", records, o, info, command)
+    write_markdown(out / "bench.md", records, o, info, command, result["stopped_after"])
     plots = plot(out, records, o)
     echo(f"ffpipe bench: wrote {out}/bench.json, bench.md" + (", " + ", ".join(Path(p).name for p in plots) if plots else ""))
+    if stopped is not None:
+        raise stopped
     return result

@@ -178,6 +178,10 @@ def test_a_bench_that_is_stopped_or_killed_leaves_no_process_behind(tmp_path, si
         while any(_alive(p) for p in pids + variant) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(_alive(p) for p in pids + variant)
+        if sig == signal.SIGTERM:  # stopped, not killed: what it measured (nothing yet) is written, and says so
+            result = json.loads((out / "bench.json").read_text())
+            assert result["stopped_after"] == "0 of 2 runs" and result["records"] == []
+            assert "Stopped early" in (out / "bench.md").read_text()
     finally:
         if bench.poll() is None:
             bench.kill()
