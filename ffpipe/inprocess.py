@@ -19,6 +19,8 @@ from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
 from ffpipe.layer import local_update, make_optimizer, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
+
+CHECKPOINT_S = 30.0  # an in-process run saves at least this often (and after every evaluation and at the end)
 from ffpipe.model import FFNet, evaluate, readout_step
 from ffpipe.progress import RunProgress
 
@@ -127,7 +129,7 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
         history, time_to, train_s, samples_done = list(p["history"]), dict(p["time_to"]), p["train_s"], p["samples"]
         if start_epoch >= cfg.epochs and start_phase == len(phases) - 1:
             raise ValueError(f"{out} already finished all {cfg.epochs} epochs; nothing to resume")
-    wall0 = time.perf_counter()
+    wall0 = saved_at = time.perf_counter()
     progress = RunProgress(total_batches, enabled=show_progress)
     progress.advance(batches_done)
     progress.log(
@@ -157,7 +159,8 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
                     progress.advance()
                 train_s += time.perf_counter() - t0
                 last = epoch == cfg.epochs - 1 and phase in (None, phases[-1])
-                if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and phase in (None, phases[-1])):
+                evaluated = last or bool(cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and phase in (None, phases[-1]))
+                if evaluated:
                     record = _evaluate(net, eval_split, epoch + 1, train_s, wall0)
                     record["split"] = eval_name
                     history.append(record)
@@ -170,8 +173,12 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
                         + (f" (readout {record['readout_accuracy']:.4f})" if "readout_accuracy" in record else "")
                         + f"  train {train_s:,.0f}s  {samples_done / max(train_s, 1e-9):,.0f} samples/s"
                     )
-                done = {"history": history, "time_to": time_to, "train_s": train_s, "samples": samples_done}
-                checkpoint.save(out / checkpoint.FILENAME, checkpoint_payload(net, opts, ro_opt, data, epoch + 1, batches_done, k, gen, done))
+                # after an evaluation, at the end and at least every CHECKPOINT_S: the seed recipe's epochs are one
+                # full batch each, and saving after every one of them cost more than the epoch itself on a GPU
+                if evaluated or epoch == cfg.epochs - 1 or time.perf_counter() - saved_at >= CHECKPOINT_S:
+                    done = {"history": history, "time_to": time_to, "train_s": train_s, "samples": samples_done}
+                    checkpoint.save(out / checkpoint.FILENAME, checkpoint_payload(net, opts, ro_opt, data, epoch + 1, batches_done, k, gen, done))
+                    saved_at = time.perf_counter()
 
     final = history[-1]
     test = final if eval_name == "test" else _evaluate(net, data.test, cfg.epochs, train_s, wall0)

@@ -29,7 +29,9 @@ def main() -> None:
         loss = s.get("config", {}).get("layer", {}).get("loss", "")
         recipe = s["preset"] if s["preset"] in ("hinton", "seed") else f"{loss} loss"
         recipe += ", equalized" if s.get("config", {}).get("equalize") else ""
-        label = f"{s['dataset']} {recipe}, {s['mode']} ({','.join(map(str, s['layers']))}), {s['epochs']} epochs [{h[-1].get('split', 'test')}]"
+        where = "GPU" if "cuda" in json.dumps(s.get("devices") or s.get("device") or "") else "CPU"
+        label = (f"{s['dataset']} {recipe}, {s['mode']} on {where} ({','.join(map(str, s['layers']))}), {s['epochs']} epochs "
+                 f"[{h[-1].get('split', 'test')}]")
         ax.plot(xs, [100 * r["accuracy"] for r in h], marker=".", label=label)
     ax.set_xlabel("epoch" if a.x == "epoch" else "training minutes")
     ax.set_ylabel("accuracy (%) on the split in brackets")
