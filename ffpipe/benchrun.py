@@ -158,7 +158,8 @@ def ff_pipeline(spec: dict, out: Path) -> dict:
         procs[role] = {"peak_rss_mb": peak}
         if role.startswith("layer"):
             procs[role].update(busy=summary["train_busy"].get(role), rss_start_mb=summary["rss_start_mb"].get(role),
-                               train_peak_rss_mb=summary["train_peak_rss_mb"].get(role))
+                               train_peak_rss_mb=summary["train_peak_rss_mb"].get(role),
+                               peak_gpu_mb=summary.get("peak_gpu_mb", {}).get(role))
     record = {"processes": procs, "accounting_complete": summary["accounting"]["complete"],
               "devices": summary.get("devices"), "test_accuracy": summary["test_accuracy"]}
     if spec["to_accuracy"]:

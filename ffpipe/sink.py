@@ -438,6 +438,7 @@ class Sink:
             "train_busy": {f"layer{i}": s.get(f"layer{i}.train_busy") for i in layers},  # busy share of its train window
             "rss_start_mb": {f"layer{i}": s.get(f"layer{i}.rss_start_mb") for i in layers},  # RSS at its first train batch
             "train_peak_rss_mb": {f"layer{i}": s.get(f"layer{i}.train_peak_rss_mb") for i in layers},  # from then to 1st eval
+            "peak_gpu_mb": {f"layer{i}": s.get(f"layer{i}.peak_gpu_mb") for i in layers},  # allocated; None on CPU
             "cpu_s": {"source": s.get("source.cpu_s"), **{f"layer{i}": s.get(f"layer{i}.cpu_s") for i in layers},
                       "sink": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)},
             "devices": {f"layer{i}": s.get(f"layer{i}.device") for i in layers},

@@ -282,7 +282,9 @@ class Worker:
                 **{f"layer{i}.{k}": v for k, v in self.memory.report().items()},
                 f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device),
                 f"layer{i}.train_busy": round(self.train_busy_s / (w[1] - w[0]), 3) if (w := self.train_window) and w[1] > w[0] else None,
-                f"layer{i}.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
+                f"layer{i}.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
+                f"layer{i}.peak_gpu_mb": (round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+                                          if self.device.type == "cuda" else None)}
 
     # ---- the loop
 

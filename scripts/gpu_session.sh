@@ -104,15 +104,15 @@ sleep 2
 job fer-conv 400 --dataset fer2013 --val-size 3000 --flip --equalize "${conv[@]}" --layers $FC \
   --batch-size 128 --epochs "$(ep 30)" --eval-every 3 --devices "$DEV" "${TS[@]}" &
 pids+=($!)
-( job seed-mnist 100 --inprocess --preset seed --dataset mnist --device "$DEV" "${SEEDEP[@]}"
-  job seed-fer2013 100 --inprocess --preset seed --dataset fer2013 --device "$DEV" "${SEEDEP[@]}"
-  job seed-cifar10 300 --inprocess --preset seed --dataset cifar10 --device "$DEV" "${SEEDEP[@]}" ) &
+( job seed-mnist 100 --inprocess --preset seed --dataset mnist --device "$DEV" --threads 1 "${SEEDEP[@]}"
+  job seed-fer2013 100 --inprocess --preset seed --dataset fer2013 --device "$DEV" --threads 1 "${SEEDEP[@]}"
+  job seed-cifar10 300 --inprocess --preset seed --dataset cifar10 --device "$DEV" --threads 1 "${SEEDEP[@]}" ) &
 pids+=($!)
 ( sleep 5; timeout -k 10 110 python3 -m ffpipe bench --synthetic --devices "$DEV" "${bench_args[@]}" --layers $W,$W \
     --variants bp-gpipe,bp-1f1b --out "$R/bench-bp" > "$R/bench-bp.log" 2>&1; echo "[$SECONDS s] bench-bp: exit $?" ) &
 pids+=($!)
 wait $check  # the pipelined check first, then the same recipe in-process, alone of its kind
-job check-inprocess 150 --preset hinton --dataset mnist --epochs "$(ep 10)" --eval-every 2 --inprocess --device "$DEV" "${TS[@]}"
+job check-inprocess 150 --preset hinton --dataset mnist --epochs "$(ep 10)" --eval-every 2 --inprocess --device "$DEV" --threads 1 "${TS[@]}"
 wait "${pids[@]}"
 [ -z "$sampler" ] || kill "$sampler" 2>/dev/null
 [ -f "$R/fer-conv/checkpoint.pt" ] && timeout 60 python3 -m ffpipe eval --checkpoint "$R/fer-conv" --device "$DEV" \

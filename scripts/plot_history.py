@@ -21,7 +21,7 @@ def main() -> None:
     p.add_argument("--x", choices=("epoch", "time"), default="epoch")
     p.add_argument("--out", type=Path, default=Path("accuracy.png"))
     a = p.parse_args()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     for run in a.runs:
         s = json.loads((run / "summary.json").read_text())
         h = s["history"]
@@ -29,6 +29,7 @@ def main() -> None:
         loss = s.get("config", {}).get("layer", {}).get("loss", "")
         recipe = s["preset"] if s["preset"] in ("hinton", "seed") else f"{loss} loss"
         recipe += ", equalized" if s.get("config", {}).get("equalize") else ""
+        recipe += f", shift {s['config']['shift']}" if s.get("config", {}).get("shift") else ""
         where = "GPU" if "cuda" in json.dumps(s.get("devices") or s.get("device") or "") else "CPU"
         label = (f"{s['dataset']} {recipe}, {s['mode']} on {where} ({','.join(map(str, s['layers']))}), {s['epochs']} epochs "
                  f"[{h[-1].get('split', 'test')}]")
@@ -36,7 +37,7 @@ def main() -> None:
     ax.set_xlabel("epoch" if a.x == "epoch" else "training minutes")
     ax.set_ylabel("accuracy (%) on the split in brackets")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110)
