@@ -76,6 +76,7 @@ def test_every_batch_is_accounted_for_and_run_files_are_written(tmp_path):
     assert [h["epoch"] for h in s["history"]] == [1, 2, 3] and all(h["samples"] == 360 for h in s["history"])
     assert 0 <= s["test_accuracy"] <= 1 and s["train_samples_per_s"] > 0
     assert set(s["peak_rss_mb"]) == {"source", "layer0", "layer1", "sink"} and all(v > 0 for v in s["peak_rss_mb"].values())
+    assert s["peak_gpu_mb"] == {"layer0": None, "layer1": None}  # CPU layers: no GPU memory to report
     run = json.loads((out / "run.json").read_text())
     roles = sorted((p["role"], p["index"]) for p in run["processes"])
     assert roles == [("layer", 0), ("layer", 1), ("sink", None), ("source", None)]
