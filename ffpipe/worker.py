@@ -40,6 +40,7 @@ GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
 MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted as "other")
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
 MAX_CLASSES = 100_000
+ACTIVATIONS = ("x_pos", "x_neg", "x_neu", "x_all")  # what a layer hands the next layer, and the sink never reads
 FORWARDED = {"train": ("total", "classes", "batch", "shape"),
              "eval": ("split", "round", "batches", "part", "classes", "final", "after", "shape")}
 
@@ -273,6 +274,14 @@ class Worker:
         })
         self.durable = self.last_batch
 
+    def _for_next(self, reply: Message) -> Message:
+        """What goes downstream. The sink reads labels, goodness, readout features and scalars, never the
+        activations: the last layer leaves them out (in a 2-layer pipeline, a third of the bytes on the wire)."""
+        if self.index < len(self.cfg.layers) - 1:
+            return reply
+        kept = {k: v for k, v in reply.tensors.items() if k not in ACTIVATIONS}
+        return Message(reply.kind, reply.seq, reply.epoch, reply.scalars, kept)
+
     def stats(self) -> dict:
         i = self.index
         return {f"layer{i}.applied": self.applied,
@@ -331,7 +340,7 @@ class Worker:
                     continue
                 if reply is not None:
                     self.state = "sending"
-                    transport.send(outbox, reply, self.timeout_ms)
+                    transport.send(outbox, self._for_next(reply), self.timeout_ms)
                 self.state = "waiting"
             scalars = {k: v for k, v in msg.scalars.items() if k.startswith("source.") or _earlier_layer_key(k, self.index)}
             stop = Message("stop", msg.seq, msg.epoch, {**scalars, **self.stats()})

@@ -113,3 +113,18 @@ def test_an_image_layer_is_sized_from_the_shape_the_batch_names(tmp_path):
     layer1 = Worker(cfg, 1, Topology.local(2), tmp_path)
     out = layer1.on_train(batch(64, "1x8x8"))
     assert out.tensors["x_pos"].shape == (2, 16) and layer1.layer.in_features == 64
+
+
+def test_only_the_last_layer_leaves_the_activations_out_for_the_sink(tmp_path):
+    from ffpipe.worker import Worker
+
+    cfg = config.preset("quick", layers=(16, 8), epochs=1, negatives="random", out=str(tmp_path))
+    topo = Topology.local(2)
+    msg = Message("train", 3, 0, {"batch": 3, "loss.1": 0.5},
+                  {"x_pos": torch.ones(2, 8), "x_neg": torch.zeros(2, 8), "x_neu": torch.ones(2, 8),
+                   "feats": torch.ones(2, 24), "y": torch.zeros(2, dtype=torch.long), "idx": torch.arange(2)})
+    to_layer1 = Worker(cfg, 0, topo, tmp_path / "a", peer_timeout_s=5)._for_next(msg)
+    to_sink = Worker(cfg, 1, topo, tmp_path / "b", peer_timeout_s=5)._for_next(msg)
+    assert to_layer1 is msg
+    assert set(to_sink.tensors) == {"feats", "y", "idx"}  # what the sink reads: readout features and labels
+    assert (to_sink.kind, to_sink.seq, to_sink.scalars) == ("train", 3, msg.scalars)
