@@ -19,11 +19,10 @@ from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
 from ffpipe.layer import local_update, make_optimizer, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
-
-CHECKPOINT_S = 30.0  # an in-process run saves at least this often (and after every evaluation and at the end)
 from ffpipe.model import FFNet, evaluate, readout_step
 from ffpipe.progress import RunProgress
 
+CHECKPOINT_S = 30.0  # an in-process run saves at least this often (and after every evaluation and at the end)
 
 
 def set_threads(threads: int) -> int:

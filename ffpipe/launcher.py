@@ -252,10 +252,9 @@ class Launcher:
     def assemble_checkpoint(self) -> None:
         """Layer checkpoints + the sink's readout -> one checkpoint.pt that `ffpipe eval`/`predict` load."""
         cfg = self.cfg
-        state, batches = {}, []  # batches: the last train batch each layer applied
+        state = {}
         for i in range(len(cfg.layers)):
             part = checkpoint.load(self.out / f"layer{i}.pt")
-            batches.append(part["last_batch"])
             state.update({f"layers.{i}.{k}": v for k, v in part["layer"].items()})
         readout = self.out / "readout.pt"
         width = sum(out_widths(cfg.layers, self.data.shape)[cfg.first_readout :])
@@ -264,7 +263,7 @@ class Launcher:
         mean, std = input_stats(self.data, cfg.standardize, cfg.equalize)
         state.update(input_mean=mean, input_std=std)
         checkpoint.save(self.out / checkpoint.FILENAME, {
-            "config": cfg.to_json(), "model": state, "epoch": cfg.epochs, "batches": batches,
+            "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,
             "data": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
         })
 
