@@ -287,7 +287,9 @@ LAYER_KINDS = {"fc": FFLayer, "conv": ConvFFLayer, "lc": LocalFFLayer}
 def build_layer(index: int, spec: int | str | LayerSpec, in_shape: tuple[int, ...], cfg: LayerConfig, seed: int,
                 num_classes: int = 0) -> _FFBase:
     """Layer `index` of any kind, initialized from (seed, index) alone. An image layer at index 0 reads the
-    label from the first `num_classes` inputs (not with the competitive loss, which overlays no label)."""
+    label from the first `num_classes` inputs (not with the competitive loss, which overlays no label).
+    The seed goes to torch's process-wide generator (inside fork_rng): another thread drawing from it
+    meanwhile changes the weights, so build layers where no other thread draws (a worker process does)."""
     spec = spec if isinstance(spec, LayerSpec) else LayerSpec.parse(spec)
     competitive = cfg.loss == "competitive"
     with torch.random.fork_rng(devices=[]):

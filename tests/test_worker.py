@@ -61,8 +61,12 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     transport.send(up, _train(1, *batches[0]), 5000)
     for frames in bad:
         _garbage(up, frames)
-    transport.send(up, _train(2, torch.randn(5, 20).double(), torch.randn(5, 20).double()), 5000)  # wrong dtype
-    transport.send(up, _train(3, torch.randn(5, 21), torch.randn(5, 21)), 5000)  # wrong width
+    # every random tensor comes from `gen`: the worker thread builds its layer under torch.manual_seed on the
+    # process-wide generator, and a draw from it here at that moment would change the layer's initial weights
+    wrong_dtype = [torch.randn(5, 20, generator=gen).double() for _ in range(2)]
+    wrong_width = [torch.randn(5, 21, generator=gen) for _ in range(2)]
+    transport.send(up, _train(2, *wrong_dtype), 5000)  # wrong dtype
+    transport.send(up, _train(3, *wrong_width), 5000)  # wrong width
     nan = batches[1][0].clone()
     nan[0, 0] = float("nan")
     transport.send(up, _train(4, nan, batches[1][1]), 5000)  # NaN
