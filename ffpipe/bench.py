@@ -80,14 +80,18 @@ def _spec(o: BenchOptions, variant: str, kind: str, layers: tuple[int, ...], wor
     return spec
 
 
-def plan(o: BenchOptions) -> list[dict]:
+def plan(o: BenchOptions, cores: int | None = None) -> list[dict]:
     """Every run of the benchmark, in the order they execute."""
     work = Path(o.out) / "runs"
+    cores = cores or os.cpu_count() or 1
     specs = []
     depths = sorted({len(o.layers), *o.stages})
     for depth in depths:
         layers = o.layers if depth == len(o.layers) else (o.layers[0],) * depth
         specs += [_spec(o, v, "throughput", layers, work) for v in o.variants]
+        busy = min(depth, cores)  # the busy processes a CPU pipeline of this depth gets
+        if {"ff-inprocess", "ff-pipeline"} <= set(o.variants) and not o.devices.startswith("cuda") and busy > 1:
+            specs.append(_spec(o, "ff-inprocess", "ceiling", layers, work, copies=busy))
     if "ff-pipeline" in o.variants:  # what the wire costs a stage, against its compute
         specs.append(_spec(o, "ff-pipeline", "wire", o.layers, work))
     for k in o.in_flight:
@@ -197,6 +201,15 @@ def derive(records: list[dict], cores: int) -> None:
             r["pipeline_efficiency"] = round(sps / (workers * ff1), 3)
             if bp:  # FF does a positive and a negative pass per image: the ideal over L stages is L/2 x backprop
                 r["vs_ideal_l_over_2_bp"] = round(sps / (workers / 2 * bp), 3)
+    ceilings = {}
+    for r in records:  # k independent copies of ff-inprocess at once, each against one alone
+        if r["kind"] == "ceiling" and r["ok"] and (ff1 := base.get(("ff-inprocess", r["stages"]))):
+            r["alone_samples_per_s"] = ff1
+            r["ceiling"] = ceilings[r["stages"]] = round(sum(r["samples_per_s_each"]) / (len(r["samples_per_s_each"]) * ff1), 3)
+    for r in records:
+        if r.get("pipeline_efficiency") and r["stages"] in ceilings:
+            r["parallel_ceiling"] = ceilings[r["stages"]]
+            r["efficiency_of_ceiling"] = round(r["pipeline_efficiency"] / ceilings[r["stages"]], 3)
 
 
 def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict, command: str, stopped: str | None = None) -> None:
@@ -218,6 +231,24 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             L.append(_row(r))
+    ceiling = [r for r in records if r["kind"] == "ceiling"]
+    if ceiling:
+        L.append("\n## The machine's parallel ceiling\n")
+        L.append("k copies of the single-process ff-inprocess run at once (k = the busy processes of a pipeline of that depth: "
+                 "layers, or cores if fewer), started together after their warm-up and sharing nothing: the rate each "
+                 "gets against one run alone. A pipeline of k busy processes also shares the cores, caches and memory "
+                 "bandwidth, and adds the wire, so its efficiency is not expected above this ceiling.\n")
+        L.append("| stages | copies | one alone (samples/s) | each of the copies at once (samples/s) | ceiling | ff-pipeline efficiency | efficiency / ceiling |")
+        L.append("|---:|---:|---:|---|---:|---:|---:|")
+        pipes = {r["stages"]: r for r in rows if r["variant"] == "ff-pipeline" and r["ok"]}
+        for r in ceiling:
+            if not r["ok"]:
+                L.append(f"| {r['stages']} | {r['config']['copies']} | failed: {r['error']} | | | | |")
+                continue
+            pipe = pipes.get(r["stages"], {})
+            L.append(f"| {r['stages']} | {r['config']['copies']} | {_num(r.get('alone_samples_per_s'))} | "
+                     f"{', '.join(_num(x) for x in r['samples_per_s_each'])} | {_num(r.get('ceiling'), '{:.2f}')} | "
+                     f"{_num(pipe.get('pipeline_efficiency'), '{:.2f}')} | {_num(pipe.get('efficiency_of_ceiling'), '{:.2f}')} |")
     wire = [r for r in records if r["kind"] == "wire"]
     if wire:
         L.append("\n## The wire's share of a stage\n")
@@ -355,6 +386,8 @@ def _describe(spec: dict, i: int, n: int) -> str:
         what += f", m={spec['microbatches']}"
     if spec["variant"] == "ff-pipeline":
         what += f", queue {spec['hwm']}"
+    if spec["kind"] == "ceiling":
+        what += f", {spec['copies']} copies at once"
     return what
 
 
@@ -363,6 +396,9 @@ def _report(r: dict, what: str, echo) -> None:
         echo(f"{what}: FAILED: {r['error']}")
     elif r["kind"] == "accuracy":
         echo(f"{what}: time to accuracy {r.get('time_to_accuracy_s')} ({r['elapsed_s']:.0f}s)")
+    elif r["kind"] == "ceiling":
+        echo(f"{what}: {', '.join(_num(x) for x in r['samples_per_s_each'])} samples/s each, {r['config']['copies']} at once "
+             f"({r['elapsed_s']:.0f}s)")
     elif r["kind"] == "wire":
         echo(f"{what}: wire {r['wire_ms']:.2f} ms per message vs layer step {r['compute_ms']:.2f} ms ({r['wire_fraction']:.1%})")
     else:

@@ -83,9 +83,10 @@ def _time_to(history: list[dict], targets: list[float], clock: str = "wall_s") -
     return out
 
 
-def timed_steps(spec: dict, step, n: int, gen: torch.Generator, device: torch.device) -> dict:
+def timed_steps(spec: dict, step, n: int, gen: torch.Generator, device: torch.device, ready=None) -> dict:
     """A single-process variant's throughput run: `spec["steps"]` calls of step(batch indices) over shuffled
-    epochs of n images; the first `spec["warmup"]` untimed. Memory is counted from after the first step."""
+    epochs of n images; the first `spec["warmup"]` untimed. Memory is counted from after the first step.
+    `ready()`, if given, is called between the warm-up and the timed steps (copies run at once wait there)."""
 
     def batches():
         while True:
@@ -96,6 +97,8 @@ def timed_steps(spec: dict, step, n: int, gen: torch.Generator, device: torch.de
         step(next(it))
         memory.training_starts()
     sync(device)
+    if ready is not None:
+        ready()
     clock, samples = Clock(), 0
     for _ in range(spec["steps"] - spec["warmup"]):
         idx = next(it)
@@ -112,7 +115,7 @@ def timed_steps(spec: dict, step, n: int, gen: torch.Generator, device: torch.de
 # ---------------------------------------------------------------- variants
 
 
-def ff_inprocess(spec: dict, out: Path) -> dict:
+def ff_inprocess(spec: dict, out: Path, ready=None) -> dict:
     from ffpipe import inprocess
     from ffpipe.data import load as load_dataset
     from ffpipe.layer import make_optimizer
@@ -134,7 +137,50 @@ def ff_inprocess(spec: dict, out: Path) -> dict:
     def step(idx):
         inprocess.train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen)
 
-    return timed_steps(spec, step, len(data.train), gen, device)
+    return timed_steps(spec, step, len(data.train), gen, device, ready)
+
+
+CEILING_WAIT_S = 600  # how long a copy waits for the others to finish their warm-up
+
+
+def _ceiling_copy(spec: dict, out: str, barrier) -> None:
+    from ffpipe.launcher import die_with_launcher
+
+    die_with_launcher("FFPIPE_CEILING_PID")  # a ceiling run killed outright takes its copies with it
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = ff_inprocess(spec, out, ready=lambda: barrier.wait(CEILING_WAIT_S))
+    (out / "record.json").write_text(json.dumps(record))
+
+
+def ceiling(spec: dict, out: Path) -> dict:
+    """`copies` ff-inprocess runs in as many processes at once, their timed steps started together: what this
+    machine gives that many busy processes that share nothing but the hardware, each against one alone. A
+    pipeline with as many busy processes shares the same cores, caches and memory bandwidth (and adds the wire),
+    so ffpipe bench reports its efficiency against this ceiling too."""
+    import multiprocessing as mp
+    import multiprocessing.connection
+
+    ctx = mp.get_context("spawn")  # fresh interpreters: no copy inherits this one's threads or allocator
+    copies = spec["copies"]
+    os.environ["FFPIPE_CEILING_PID"] = str(os.getpid())
+    barrier = ctx.Barrier(copies)
+    procs = [ctx.Process(target=_ceiling_copy, args=(spec, str(out / f"copy{i}"), barrier), daemon=True)
+             for i in range(copies)]
+    for p in procs:
+        p.start()
+    pending = {p.sentinel: p for p in procs}
+    while pending:  # a copy that fails breaks the barrier, so the others stop waiting for it
+        for sentinel in mp.connection.wait(list(pending)):
+            if pending.pop(sentinel).exitcode != 0:
+                barrier.abort()
+    failed = [f"copy {i} exit code {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"ceiling run failed: {', '.join(failed)}")
+    records = [json.loads((out / f"copy{i}" / "record.json").read_text()) for i in range(copies)]
+    return {"copies": copies, "samples_per_s_each": [r["samples_per_s"] for r in records],
+            "samples_per_s": sum(r["samples_per_s"] for r in records),
+            "processes": {f"copy{i}": r["processes"]["main"] for i, r in enumerate(records)}}
 
 
 def ff_pipeline(spec: dict, out: Path) -> dict:
@@ -279,7 +325,12 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(spec["work"])
     out.mkdir(parents=True, exist_ok=True)
-    record = wire_cost(spec, out) if spec["kind"] == "wire" else RUNNERS[spec["variant"]](spec, out)
+    if spec["kind"] == "wire":
+        record = wire_cost(spec, out)
+    elif spec["kind"] == "ceiling":
+        record = ceiling(spec, out)
+    else:
+        record = RUNNERS[spec["variant"]](spec, out)
     Path(spec["record"]).write_text(json.dumps(record))
     return 0
 

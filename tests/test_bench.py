@@ -69,6 +69,15 @@ def test_every_variant_gives_a_plausible_record_and_plots(tmp_path):
     assert set(throughput["bp-gpipe"]["processes"]) == {"stage0", "stage1"} and throughput["bp-gpipe"]["microbatches"] == 4
     assert throughput["ff-inprocess"]["vs_ff_inprocess"] == 1.0 and throughput["bp-inprocess"]["vs_bp_inprocess"] == 1.0
     assert throughput["ff-pipeline"]["pipeline_efficiency"] > 0
+    ceiling = [r for r in records if r["kind"] == "ceiling"]
+    if (os.cpu_count() or 1) >= 2:  # two copies of ff-inprocess at once, each timed after the other's warm-up
+        (c,) = ceiling
+        assert c["ok"] and c["config"]["copies"] == 2 and len(c["samples_per_s_each"]) == 2, c
+        assert all(0 < x < 1e7 for x in c["samples_per_s_each"]) and set(c["processes"]) == {"copy0", "copy1"}
+        assert 0 < c["ceiling"] and throughput["ff-pipeline"]["parallel_ceiling"] == c["ceiling"]
+        assert "The machine's parallel ceiling" in (out / "bench.md").read_text()
+    else:
+        assert ceiling == []
     (wire,) = [r for r in records if r["kind"] == "wire"]
     assert wire["ok"] and wire["wire_ms"] > 0 and wire["compute_ms"] > 0 and wire["message_mb"] == round(2 * 16 * 32 * 4 / 2**20, 2)
     memory = [r for r in records if r["kind"] == "memory"]
@@ -140,6 +149,12 @@ def test_ratios_and_efficiency():
     ff1, pipe, bp, gpipe = records
     assert pipe["pipeline_efficiency"] == 0.9 and pipe["vs_ff_inprocess"] == 1.8 and pipe["vs_bp_inprocess"] == 0.45
     assert pipe["vs_ideal_l_over_2_bp"] == 0.45 and gpipe["vs_bp_inprocess"] == 0.5 and "pipeline_efficiency" not in gpipe
+    # two independent copies at once get 800 and 700 against 1000 alone: the machine's ceiling is 0.75
+    ceiling = {"kind": "ceiling", "variant": "ff-inprocess", "stages": 2, "ok": True, "samples_per_s_each": [800, 700],
+               "config": {"device": "cpu", "copies": 2}}
+    records.append(ceiling)
+    derive(records, cores=2)
+    assert ceiling["ceiling"] == 0.75 and pipe["parallel_ceiling"] == 0.75 and pipe["efficiency_of_ceiling"] == 1.2
     with pytest.raises(ValueError):
         BenchOptions(steps=1)
 
@@ -195,8 +210,12 @@ def _children(pid: int) -> list[int]:
 def test_every_planned_run_times_some_steps_after_its_warm_up():
     from ffpipe.bench import plan
 
-    specs = plan(BenchOptions(steps=200, stages=(1, 4), in_flight=(1, 4, 16), to_accuracy=(0.9,)))
-    assert len(specs) == 5 * 3 + 1 + 7 + 5
+    options = BenchOptions(steps=200, stages=(1, 4), in_flight=(1, 4, 16), to_accuracy=(0.9,))
+    specs = plan(options, cores=2)
+    assert len(specs) == 5 * 3 + 2 + 1 + 7 + 5  # two ceiling runs: 2 copies at 2 and at 4 stages on 2 cores
+    assert [(len(s["layers"]), s["copies"]) for s in specs if s["kind"] == "ceiling"] == [(2, 2), (4, 2)]
+    assert [len(s["layers"]) for s in plan(options, cores=8) if s["kind"] == "ceiling"] == [2, 4]
+    assert not any(s["kind"] == "ceiling" for s in plan(options, cores=1))  # one busy process: nothing to share
     for s in specs:
         assert 1 <= s["warmup"] < s["steps"], s
     gpipe = {s["microbatches"]: s["steps"] for s in specs if s["kind"] == "memory" and s["variant"] == "bp-gpipe"}
