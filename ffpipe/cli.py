@@ -63,7 +63,7 @@ def run(
     dataset: Annotated[Optional[str], typer.Option(help="auto, mnist, fashion-mnist, cifar10, fer2013, digits or synthetic (generated, no files). auto: MNIST if found or downloadable, else scikit-learn's 8x8 digits.", envvar="FFPIPE_DATASET", rich_help_panel=_PANEL_DATA)] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets (default ./data).", envvar="FFPIPE_DATA_DIR", rich_help_panel=_PANEL_DATA)] = None,
     download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing datasets with torchvision.", rich_help_panel=_PANEL_DATA)] = None,
-    val_size: Annotated[Optional[int], typer.Option(help="Hold out this many training images for validation (evaluated instead of test during training).", rich_help_panel=_PANEL_DATA)] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Hold out this many training images for validation (evaluated instead of test during training); exact copies of training images are left out.", rich_help_panel=_PANEL_DATA)] = None,
     train_size: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (0 = all); for quick experiments and benchmarks.", rich_help_panel=_PANEL_DATA)] = None,
     shift: Annotated[Optional[int], typer.Option(help="Augmentation: translate training images by up to N pixels (0 = off).", rich_help_panel=_PANEL_DATA)] = None,
     standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Subtract each channel's training mean and divide by its std.", rich_help_panel=_PANEL_DATA)] = None,

@@ -355,9 +355,14 @@ def load(name: str, data_dir: str | Path, *, download: bool = True, val_size: in
     return hold_out(data, val_size)
 
 
+def _image_key(image: torch.Tensor) -> bytes:
+    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
+
+
 def hold_out(data: Data, val_size: int, train_size: int = 0) -> Data:
     """Move the last `val_size` training images into a validation split (deterministic, independent of the seed),
-    then keep only the first `train_size` of the rest for training (0 = all)."""
+    less any that are exact copies of an image left for training, then keep only the first `train_size` of the
+    rest for training (0 = all)."""
     if val_size >= len(data.train):
         raise DataError(f"val_size {val_size} must be smaller than the {len(data.train)} training images")
     n = len(data.train) - val_size
@@ -365,7 +370,16 @@ def hold_out(data: Data, val_size: int, train_size: int = 0) -> Data:
     if train_size > n:
         raise DataError(f"train_size {train_size} is more than the {n} training images {data.name} has" + (" after the hold-out" if val_size else ""))
     if val_size:
-        data = Data(data.name, Split(tr.x[:n], tr.y[:n]), data.test, Split(tr.x[n:], tr.y[n:]), data.classes, data.source)
+        seen = {_image_key(x) for x in tr.x[:n]}
+        keep = torch.tensor([_image_key(x) not in seen for x in tr.x[n:]], dtype=torch.bool)
+        if not keep.any():
+            raise DataError(f"every one of the {val_size} validation images is an exact copy of a training image; "
+                            "take a larger --val-size")
+        if not keep.all():  # FER2013 has them: a copy of a training image would flatter the validation score
+            _note(f"{data.name}: left {int((~keep).sum())} of the {val_size} validation images out: they are exact "
+                  "copies of training images")
+        val = Split(tr.x[n:][keep], tr.y[n:][keep])
+        data = Data(data.name, Split(tr.x[:n], tr.y[:n]), data.test, val, data.classes, data.source)
     if train_size:
         data = Data(data.name, Split(data.train.x[:train_size], data.train.y[:train_size]), data.test, data.val, data.classes, data.source)
     return data

@@ -39,6 +39,19 @@ def test_validation_split_comes_from_the_end_of_train(tmp_path):
         data.load("mnist", tmp_path, download=False, val_size=64)
 
 
+def test_validation_leaves_out_exact_copies_of_training_images(capsys):
+    x = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    x[7], x[9] = x[2], x[0]  # two of the last four are copies of training images
+    d = data.Data("toy", data.Split(x, torch.arange(10)), data.Split(x[:2], torch.arange(2)), None, [str(i) for i in range(10)], "toy")
+    held = data.hold_out(d, 4)
+    assert held.train.y.tolist() == list(range(6)) and held.val.y.tolist() == [6, 8]
+    assert "left 2 of the 4 validation images out" in capsys.readouterr().err
+    assert data.hold_out(d, 2).val.y.tolist() == [8]
+    assert "left 1 of the 2" in capsys.readouterr().err
+    with pytest.raises(DataError, match="every one of the 1 validation images"):
+        data.hold_out(d, 1)  # image 9 alone, a copy of image 0
+
+
 def test_missing_mnist_names_the_path(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path)):
         data.load("mnist", tmp_path, download=False)
