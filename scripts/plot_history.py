@@ -30,6 +30,8 @@ def main() -> None:
         recipe = s["preset"] if s["preset"] in ("hinton", "seed") else f"{loss} loss"
         recipe += ", equalized" if s.get("config", {}).get("equalize") else ""
         recipe += f", shift {s['config']['shift']}" if s.get("config", {}).get("shift") else ""
+        recipe += ", flip" if s.get("config", {}).get("flip") else ""
+        recipe += f", {s['config']['val_size']:,} held out" if s.get("config", {}).get("val_size") else ""
         where = "GPU" if "cuda" in json.dumps(s.get("devices") or s.get("device") or "") else "CPU"
         label = (f"{s['dataset']} {recipe}, {s['mode']} on {where} ({','.join(map(str, s['layers']))}), {s['epochs']} epochs "
                  f"[{h[-1].get('split', 'test')}]")
