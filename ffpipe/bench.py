@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -42,13 +43,14 @@ class BenchOptions:
     timeout_s: float = 900.0  # per throughput, memory or wire run
     accuracy_timeout_s: float = 6 * 3600.0  # per --to-accuracy run (FF trains all of --max-epochs)
     pin: bool = False  # ff-pipeline: pin layer i to core i mod n (ffpipe run --pin)
+    repeats: int = 1  # rounds of the throughput and ceiling runs, interleaved (a machine's speed drifts)
     out: str = "bench"
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
             raise ValueError(f"--variants must be a comma-separated subset of {', '.join(VARIANTS)}; got {', '.join(bad) or 'none'}")
-        for name in ("batch_size", "threads", "microbatches", "max_epochs"):
+        for name in ("batch_size", "threads", "microbatches", "max_epochs", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.steps < 2:
@@ -74,24 +76,33 @@ def _spec(o: BenchOptions, variant: str, kind: str, layers: tuple[int, ...], wor
     }
     spec.update(over)
     spec["warmup"] = max(1, spec["steps"] // 10)  # of this run's steps (a sweep may change them)
+    spec.setdefault("round", 1)
+    spec["rounds"] = o.repeats
     tag = "-".join(str(x) for x in (kind, variant, f"L{len(layers)}", f"m{spec['microbatches']}", f"q{spec['hwm']}", f"s{spec['steps']}"))
+    if o.repeats > 1:
+        tag += f"-r{spec['round']}"
     spec["work"] = str(work / tag)
     spec["record"] = str(work / tag / "record.json")
     return spec
 
 
 def plan(o: BenchOptions, cores: int | None = None) -> list[dict]:
-    """Every run of the benchmark, in the order they execute."""
+    """Every run of the benchmark, in the order they execute. With `repeats` > 1 the throughput and ceiling
+    runs come in rounds, every other round in reverse order, so a drift in the machine's speed over the
+    benchmark weighs on every variant alike instead of on whichever ran last."""
     work = Path(o.out) / "runs"
     cores = cores or os.cpu_count() or 1
     specs = []
     depths = sorted({len(o.layers), *o.stages})
-    for depth in depths:
-        layers = o.layers if depth == len(o.layers) else (o.layers[0],) * depth
-        specs += [_spec(o, v, "throughput", layers, work) for v in o.variants]
-        busy = min(depth, cores)  # the busy processes a CPU pipeline of this depth gets
-        if {"ff-inprocess", "ff-pipeline"} <= set(o.variants) and not o.devices.startswith("cuda") and busy > 1:
-            specs.append(_spec(o, "ff-inprocess", "ceiling", layers, work, copies=busy))
+    for rnd in range(1, o.repeats + 1):
+        block = []
+        for depth in depths:
+            layers = o.layers if depth == len(o.layers) else (o.layers[0],) * depth
+            block += [_spec(o, v, "throughput", layers, work, round=rnd) for v in o.variants]
+            busy = min(depth, cores)  # the busy processes a CPU pipeline of this depth gets
+            if {"ff-inprocess", "ff-pipeline"} <= set(o.variants) and not o.devices.startswith("cuda") and busy > 1:
+                block.append(_spec(o, "ff-inprocess", "ceiling", layers, work, copies=busy, round=rnd))
+        specs += block if rnd % 2 else block[::-1]
     if "ff-pipeline" in o.variants:  # what the wire costs a stage, against its compute
         specs.append(_spec(o, "ff-pipeline", "wire", o.layers, work))
     for k in o.in_flight:
@@ -151,7 +162,7 @@ def run_one(spec: dict, timeout_s: float) -> dict:
             error = f"timed out after {timeout_s:g}s"
         finally:
             _kill_group(proc)  # also on success: nothing it started may outlive it
-    record = {"variant": spec["variant"], "kind": spec["kind"], "stages": len(spec["layers"]), "ok": error is None,
+    record = {"variant": spec["variant"], "kind": spec["kind"], "stages": len(spec["layers"]), "round": spec.get("round", 1), "ok": error is None,
               "error": error, "elapsed_s": round(time.perf_counter() - t0, 2), "log": str(log)}
     if error is None:
         try:
@@ -187,13 +198,15 @@ def machine() -> dict:
 
 
 def derive(records: list[dict], cores: int) -> None:
-    """Ratios against bp-inprocess and ff-inprocess at the same depth, pipeline efficiency and speedups."""
-    base = {(r["variant"], r["stages"]): r.get("samples_per_s") for r in records if r["kind"] == "throughput" and r["ok"]}
+    """Ratios against bp-inprocess and ff-inprocess at the same depth and in the same round, pipeline efficiency
+    and speedups."""
+    base = {(r["variant"], r["stages"], r.get("round", 1)): r.get("samples_per_s")
+            for r in records if r["kind"] == "throughput" and r["ok"]}
     for r in records:
         if r["kind"] != "throughput" or not r["ok"] or not r.get("samples_per_s"):
             continue
-        sps, depth = r["samples_per_s"], r["stages"]
-        bp, ff1 = base.get(("bp-inprocess", depth)), base.get(("ff-inprocess", depth))
+        sps, depth, rnd = r["samples_per_s"], r["stages"], r.get("round", 1)
+        bp, ff1 = base.get(("bp-inprocess", depth, rnd)), base.get(("ff-inprocess", depth, rnd))
         r["vs_bp_inprocess"] = round(sps / bp, 3) if bp else None
         r["vs_ff_inprocess"] = round(sps / ff1, 3) if ff1 else None
         if r["variant"] == "ff-pipeline" and ff1:
@@ -203,13 +216,34 @@ def derive(records: list[dict], cores: int) -> None:
                 r["vs_ideal_l_over_2_bp"] = round(sps / (workers / 2 * bp), 3)
     ceilings = {}
     for r in records:  # k independent copies of ff-inprocess at once, each against one alone
-        if r["kind"] == "ceiling" and r["ok"] and (ff1 := base.get(("ff-inprocess", r["stages"]))):
+        key = (r["stages"], r.get("round", 1))
+        if r["kind"] == "ceiling" and r["ok"] and (ff1 := base.get(("ff-inprocess", *key))):
             r["alone_samples_per_s"] = ff1
-            r["ceiling"] = ceilings[r["stages"]] = round(sum(r["samples_per_s_each"]) / (len(r["samples_per_s_each"]) * ff1), 3)
+            r["ceiling"] = ceilings[key] = round(sum(r["samples_per_s_each"]) / (len(r["samples_per_s_each"]) * ff1), 3)
     for r in records:
-        if r.get("pipeline_efficiency") and r["stages"] in ceilings:
-            r["parallel_ceiling"] = ceilings[r["stages"]]
-            r["efficiency_of_ceiling"] = round(r["pipeline_efficiency"] / ceilings[r["stages"]], 3)
+        if r.get("pipeline_efficiency") and (key := (r["stages"], r.get("round", 1))) in ceilings:
+            r["parallel_ceiling"] = ceilings[key]
+            r["efficiency_of_ceiling"] = round(r["pipeline_efficiency"] / ceilings[key], 3)
+
+
+SPREAD = ("samples_per_s", "vs_bp_inprocess", "vs_ff_inprocess", "pipeline_efficiency", "ceiling", "efficiency_of_ceiling")
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Over the rounds of --repeats: each throughput and ceiling figure's median, lowest and highest, per variant
+    and depth. Ratios are taken within a round first, so they pair runs made close together in time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["kind"] in ("throughput", "ceiling") and r["ok"]:
+            groups.setdefault((r["kind"], r["variant"], r["stages"]), []).append(r)
+    rows = []
+    for (kind, variant, stages), rs in groups.items():
+        row = {"kind": kind, "variant": variant, "stages": stages, "rounds": len(rs)}
+        for field in SPREAD:
+            if vals := [r[field] for r in rs if r.get(field) is not None]:
+                row[field] = {"median": round(statistics.median(vals), 3), "min": min(vals), "max": max(vals)}
+        rows.append(row)
+    return rows
 
 
 def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict, command: str, stopped: str | None = None) -> None:
@@ -227,10 +261,13 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
     rows = [r for r in records if r["kind"] == "throughput"]
     if rows:
         L.append("## Throughput\n")
-        L.append("| variant | stages | m / queue | samples/s | x bp-inprocess | x ff-inprocess | pipeline efficiency | peak RSS MB (max / total) | busy per process |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-        for r in rows:
-            L.append(_row(r))
+        rounds = o.repeats > 1
+        L.append(("| round " if rounds else "") + "| variant | stages | m / queue | samples/s | x bp-inprocess | x ff-inprocess | pipeline efficiency | peak RSS MB (max / total) | busy per process |")
+        L.append(("|---:" if rounds else "") + "|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in sorted(rows, key=lambda r: (r.get("round", 1), r["stages"], VARIANTS.index(r["variant"]))):
+            L.append((f"| {r.get('round', 1)} " if rounds else "") + _row(r))
+    if o.repeats > 1:
+        L += _over_rounds(aggregate(records), o.repeats)
     ceiling = [r for r in records if r["kind"] == "ceiling"]
     if ceiling:
         L.append("\n## The machine's parallel ceiling\n")
@@ -238,15 +275,15 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
                  "layers, or cores if fewer), started together after their warm-up and sharing nothing: the rate each "
                  "gets against one run alone. A pipeline of k busy processes also shares the cores, caches and memory "
                  "bandwidth, and adds the wire, so its efficiency is not expected above this ceiling.\n")
-        L.append("| stages | copies | one alone (samples/s) | each of the copies at once (samples/s) | ceiling | ff-pipeline efficiency | efficiency / ceiling |")
-        L.append("|---:|---:|---:|---|---:|---:|---:|")
-        pipes = {r["stages"]: r for r in rows if r["variant"] == "ff-pipeline" and r["ok"]}
-        for r in ceiling:
+        L.append("| stages | round | copies | one alone (samples/s) | each of the copies at once (samples/s) | ceiling | ff-pipeline efficiency | efficiency / ceiling |")
+        L.append("|---:|---:|---:|---:|---|---:|---:|---:|")
+        pipes = {(r["stages"], r.get("round", 1)): r for r in rows if r["variant"] == "ff-pipeline" and r["ok"]}
+        for r in sorted(ceiling, key=lambda r: (r["stages"], r.get("round", 1))):
             if not r["ok"]:
-                L.append(f"| {r['stages']} | {r['config']['copies']} | failed: {r['error']} | | | | |")
+                L.append(f"| {r['stages']} | {r.get('round', 1)} | {r['config']['copies']} | failed: {r['error']} | | | | |")
                 continue
-            pipe = pipes.get(r["stages"], {})
-            L.append(f"| {r['stages']} | {r['config']['copies']} | {_num(r.get('alone_samples_per_s'))} | "
+            pipe = pipes.get((r["stages"], r.get("round", 1)), {})
+            L.append(f"| {r['stages']} | {r.get('round', 1)} | {r['config']['copies']} | {_num(r.get('alone_samples_per_s'))} | "
                      f"{', '.join(_num(x) for x in r['samples_per_s_each'])} | {_num(r.get('ceiling'), '{:.2f}')} | "
                      f"{_num(pipe.get('pipeline_efficiency'), '{:.2f}')} | {_num(pipe.get('efficiency_of_ceiling'), '{:.2f}')} |")
     wire = [r for r in records if r["kind"] == "wire"]
@@ -297,6 +334,28 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
     path.write_text("\n".join(L) + "\n")
 
 
+def _over_rounds(rows: list[dict], repeats: int) -> list[str]:
+    """The median and range of each figure over the rounds."""
+    def cell(row, field, fmt):
+        f = row.get(field)
+        if not f:
+            return "-"
+        return fmt.format(f["median"]) + ("" if f["min"] == f["max"] else f" ({fmt.format(f['min'])}-{fmt.format(f['max'])})")
+
+    L = ["\n## Over the rounds\n",
+         f"{repeats} rounds of every throughput and ceiling run, interleaved (every other round in reverse order); each ratio "
+         "is taken within its round, against the runs made in that round. Median (lowest-highest).\n",
+         "| variant | stages | rounds | samples/s | x bp-inprocess | x ff-inprocess | pipeline efficiency | parallel ceiling | efficiency / ceiling |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["stages"], r["kind"] == "ceiling", VARIANTS.index(r["variant"]))):
+        name = row["variant"] + (", copies at once (ceiling)" if row["kind"] == "ceiling" else "")
+        sps = "-" if row["kind"] == "ceiling" else cell(row, "samples_per_s", "{:,.0f}")
+        L.append(f"| {name} | {row['stages']} | {row['rounds']} | {sps} | {cell(row, 'vs_bp_inprocess', '{:.2f}')} | "
+                 f"{cell(row, 'vs_ff_inprocess', '{:.2f}')} | {cell(row, 'pipeline_efficiency', '{:.2f}')} | "
+                 f"{cell(row, 'ceiling', '{:.2f}')} | {cell(row, 'efficiency_of_ceiling', '{:.2f}')} |")
+    return L
+
+
 def _inflight(r: dict) -> int:
     return r["config"]["hwm"] if r["variant"] == "ff-pipeline" else r["config"]["microbatches"]
 
@@ -333,7 +392,7 @@ def plot(out: Path, records: list[dict], o: BenchOptions) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / max(1, len(depths))
         for k, d in enumerate(depths):
-            ys = [next((r["samples_per_s"] for r in rows if r["variant"] == v and r["stages"] == d), 0) for v in variants]
+            ys = [statistics.median([r["samples_per_s"] for r in rows if r["variant"] == v and r["stages"] == d] or [0]) for v in variants]
             ax.bar([i + k * width for i in range(len(variants))], ys, width, label=f"{d} stage{'s' if d > 1 else ''}")
         ax.set_xticks([i + width * (len(depths) - 1) / 2 for i in range(len(variants))], variants)
         ax.set_ylabel("training samples/s")
@@ -388,6 +447,8 @@ def _describe(spec: dict, i: int, n: int) -> str:
         what += f", queue {spec['hwm']}"
     if spec["kind"] == "ceiling":
         what += f", {spec['copies']} copies at once"
+    if spec.get("rounds", 1) > 1 and spec["kind"] in ("throughput", "ceiling"):
+        what += f", round {spec['round']} of {spec['rounds']}"
     return what
 
 
@@ -426,7 +487,7 @@ def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
     derive(records, info["cores"] or 1)
-    result = {"options": asdict(o), "command": command, "machine": info, "records": records,
+    result = {"options": asdict(o), "command": command, "machine": info, "records": records, "over_rounds": aggregate(records),
               "stopped_after": None if stopped is None else f"{len(records)} of {len(specs)} runs"}
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")

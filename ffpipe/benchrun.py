@@ -172,7 +172,9 @@ def ceiling(spec: dict, out: Path) -> dict:
     pending = {p.sentinel: p for p in procs}
     while pending:  # a copy that fails breaks the barrier, so the others stop waiting for it
         for sentinel in mp.connection.wait(list(pending)):
-            if pending.pop(sentinel).exitcode != 0:
+            proc = pending.pop(sentinel)
+            proc.join()  # the sentinel can fire before the exit status is in: without this, exitcode may be None
+            if proc.exitcode != 0:
                 barrier.abort()
     failed = [f"copy {i} exit code {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
     if failed:

@@ -220,3 +220,40 @@ def test_every_planned_run_times_some_steps_after_its_warm_up():
         assert 1 <= s["warmup"] < s["steps"], s
     gpipe = {s["microbatches"]: s["steps"] for s in specs if s["kind"] == "memory" and s["variant"] == "bp-gpipe"}
     assert gpipe == {1: 200, 4: 50, 16: 12}  # about the same images per run at every m
+
+
+def test_repeats_interleave_rounds_and_pair_ratios_within_each_round(tmp_path):
+    from ffpipe.bench import aggregate, plan, write_markdown
+
+    options = BenchOptions(variants=("ff-inprocess", "ff-pipeline"), stages=(2,), repeats=3, out=str(tmp_path))
+    specs = plan(options, cores=2)
+    timed = [(s["kind"], s["variant"], s["round"]) for s in specs if s["kind"] in ("throughput", "ceiling")]
+    one_round = [("throughput", "ff-inprocess"), ("throughput", "ff-pipeline"), ("ceiling", "ff-inprocess")]
+    assert timed == ([(*k, 1) for k in one_round] + [(*k, 2) for k in reversed(one_round)] + [(*k, 3) for k in one_round])
+    assert [s["kind"] for s in specs].count("wire") == 1  # the wire and memory runs are not repeated
+    assert len({s["work"] for s in specs}) == len(specs)  # every run keeps its own folder
+
+    def rec(variant, rnd, sps=None, each=None):
+        kind = "ceiling" if each else "throughput"
+        r = {"variant": variant, "kind": kind, "stages": 2, "round": rnd, "ok": True, "config": {"device": "cpu", "copies": 2, "hwm": 2}}
+        return {**r, "samples_per_s_each": each} if each else {**r, "samples_per_s": sps}
+
+    # the machine is twice as fast in round 2: paired within rounds, the efficiency is 0.8, 0.9 and 0.7
+    records = [rec("ff-inprocess", 1, 1000), rec("ff-pipeline", 1, 1600), rec("ff-inprocess", 1, each=[900, 900]),
+               rec("ff-inprocess", 2, 2000), rec("ff-pipeline", 2, 3600), rec("ff-inprocess", 2, each=[1900, 1900]),
+               rec("ff-inprocess", 3, 1000), rec("ff-pipeline", 3, 1400), rec("ff-inprocess", 3, each=[1000, 1000])]
+    derive(records, cores=2)
+    assert [r["pipeline_efficiency"] for r in records if r["variant"] == "ff-pipeline"] == [0.8, 0.9, 0.7]
+    assert [r["ceiling"] for r in records if r["kind"] == "ceiling"] == [0.9, 0.95, 1.0]
+    rows = {(r["kind"], r["variant"]): r for r in aggregate(records)}
+    pipe = rows[("throughput", "ff-pipeline")]
+    assert pipe["rounds"] == 3 and pipe["pipeline_efficiency"] == {"median": 0.8, "min": 0.7, "max": 0.9}
+    assert pipe["samples_per_s"] == {"median": 1600, "min": 1400, "max": 3600}
+    assert rows[("ceiling", "ff-inprocess")]["ceiling"]["median"] == 0.95
+    info = {"cpu": "test", "cores": 2, "torch": "-", "python": "-"}
+    write_markdown(tmp_path / "bench.md", records, options, info, "ffpipe bench --repeats 3")
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Over the rounds" in text and "| ff-pipeline | 2 | 3 | 1,600 (1,400-3,600) |" in text
+    assert "0.80 (0.70-0.90)" in text
+    with pytest.raises(ValueError):
+        BenchOptions(repeats=0)
