@@ -299,7 +299,8 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
                          f"{r['compute_ms']:.3f} | {r['wire_fraction']:.1%} |")
             else:
                 L.append(f"| {r['config']['layers'][-1]} | {r['config']['batch_size']} | failed: {r['error']} | | | |")
-    mem = [r for r in records if r["kind"] == "memory"] + [r for r in rows if r["variant"] in ("ff-pipeline", "bp-gpipe") and r["stages"] == len(o.layers)]
+    mem = [r for r in records if r["kind"] == "memory"] + [r for r in rows if r["variant"] in ("ff-pipeline", "bp-gpipe")
+                                                           and r["stages"] == len(o.layers) and r.get("round", 1) == 1]
     if any(r["kind"] == "memory" for r in mem):
         L.append("\n## Memory against batches in flight\n")
         L.append("ff-pipeline: the queue depth FFPIPE_HWM of every link (default 2); bp-gpipe: m micro-batches of "
@@ -401,7 +402,8 @@ def plot(out: Path, records: list[dict], o: BenchOptions) -> list[str]:
         written.append(_save(fig, out / "throughput.png", plt))
     mem = [r for r in records if r["ok"] and r.get("growth_mb_max") is not None
            and not (r["variant"] == "ff-pipeline" and r["config"]["steps"] != o.steps)
-           and len(r["config"]["layers"]) == len(o.layers) and r["variant"] in ("ff-pipeline", "bp-gpipe") and r["kind"] in ("memory", "throughput")]
+           and len(r["config"]["layers"]) == len(o.layers) and r["variant"] in ("ff-pipeline", "bp-gpipe") and r["kind"] in ("memory", "throughput")
+           and r.get("round", 1) == 1]  # one point per queue depth, not one per --repeats round
     if any(r["kind"] == "memory" for r in mem):
         fig, ax = plt.subplots(figsize=(6, 4))
         for v, label in (("ff-pipeline", "ff-pipeline (queue depth)"), ("bp-gpipe", "bp-gpipe (micro-batches m)")):
