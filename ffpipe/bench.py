@@ -22,6 +22,8 @@ from pathlib import Path
 
 from ffpipe.benchrun import VARIANTS
 
+BENCH_DATASETS = ("mnist", "fashion-mnist", "cifar10", "fer2013", "digits", "synthetic")  # not "auto": a benchmark names its data
+
 
 @dataclass(frozen=True, kw_only=True)
 class BenchOptions:
@@ -53,6 +55,8 @@ class BenchOptions:
         for name in ("batch_size", "threads", "microbatches", "max_epochs", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.dataset not in BENCH_DATASETS:
+            raise ValueError(f"--dataset must be one of {', '.join(BENCH_DATASETS)} (a benchmark names its data); got {self.dataset!r}")
         if self.steps < 2:
             raise ValueError("--steps must be >= 2 (the first 10%, at least one, is warm-up)")
         if not self.layers or any(w < 1 for w in self.layers):

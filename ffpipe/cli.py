@@ -73,7 +73,7 @@ def run(
     norm: Annotated[Optional[str], typer.Option(help="Input normalization of every layer: rms or l2.", rich_help_panel=_PANEL_MODEL)] = None,
     goodness: Annotated[Optional[str], typer.Option(help="Goodness: sum or mean of squared activities.", rich_help_panel=_PANEL_MODEL)] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Goodness threshold per unit (times the width for sum goodness).", rich_help_panel=_PANEL_MODEL)] = None,
-    loss: Annotated[Optional[str], typer.Option(help="Layer loss: threshold or symba.", rich_help_panel=_PANEL_MODEL)] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Layer loss: threshold, symba or competitive.", rich_help_panel=_PANEL_MODEL)] = None,
     peer_norm: Annotated[Optional[float], typer.Option(help="Weight of peer normalization (0 = off).", rich_help_panel=_PANEL_MODEL)] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set.", rich_help_panel=_PANEL_TRAIN)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per mini-batch (each gives a positive and a negative).", rich_help_panel=_PANEL_TRAIN)] = None,

@@ -157,6 +157,8 @@ def test_ratios_and_efficiency():
     assert ceiling["ceiling"] == 0.75 and pipe["parallel_ceiling"] == 0.75 and pipe["efficiency_of_ceiling"] == 1.2
     with pytest.raises(ValueError):
         BenchOptions(steps=1)
+    with pytest.raises(ValueError, match="a benchmark names its data"):
+        BenchOptions(dataset="auto")
 
 
 def test_peak_memory_separates_training_from_startup():
