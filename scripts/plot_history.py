@@ -33,8 +33,9 @@ def main() -> None:
         recipe += ", flip" if s.get("config", {}).get("flip") else ""
         recipe += f", {s['config']['val_size']:,} held out" if s.get("config", {}).get("val_size") else ""
         where = "GPU" if "cuda" in json.dumps(s.get("devices") or s.get("device") or "") else "CPU"
-        label = (f"{s['dataset']} {recipe}, {s['mode']} on {where} ({','.join(map(str, s['layers']))}), {s['epochs']} epochs "
-                 f"[{h[-1].get('split', 'test')}]")
+        batch = s.get("config", {}).get("batch_size")
+        label = (f"{s['dataset']} {recipe}, {s['mode']} on {where} ({','.join(map(str, s['layers']))}), "
+                 f"{f'batch {batch}, ' if batch else ''}{s['epochs']} epochs [{h[-1].get('split', 'test')}]")
         ax.plot(xs, [100 * r["accuracy"] for r in h], marker=".", label=label)
     ax.set_xlabel("epoch" if a.x == "epoch" else "training minutes")
     ax.set_ylabel("accuracy (%) on the split in brackets")
