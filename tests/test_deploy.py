@@ -251,8 +251,10 @@ def test_compose_stop_then_up_resumes_the_run(tmp_path, services_of):
         services = services_of(doc, {"/data": tmp_path / "data", "/runs": runs}, {}, tmp_path / tag)
         services.start()
         metrics = runs / "compose" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
         while stop and not (metrics.is_file() and '"train"' in metrics.read_text()):  # some batches went through
             assert services.procs["sink"].poll() is None, services.log("sink")
+            assert time.monotonic() < deadline, f"no train metrics within 120 s:\n{services.log('sink')}"
             time.sleep(0.1)
         if stop:
             services.procs["source"].send_signal(signal.SIGTERM)
