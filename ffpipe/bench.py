@@ -218,6 +218,13 @@ def derive(records: list[dict], cores: int) -> None:
             r["pipeline_efficiency"] = round(sps / (workers * ff1), 3)
             if bp:  # FF does a positive and a negative pass per image: the ideal over L stages is L/2 x backprop
                 r["vs_ideal_l_over_2_bp"] = round(sps / (workers / 2 * bp), 3)
+    alone = {(r["stages"], r.get("round", 1)): r.get("processes", {}).get("main", {}).get("update_ms")
+             for r in records if r["kind"] == "throughput" and r["ok"] and r["variant"] == "ff-inprocess"}
+    for r in records:  # where a pipeline stage's time goes: each layer's update there, against the same one alone
+        if r["kind"] == "throughput" and r["ok"] and r["variant"] == "ff-pipeline" and r.get("samples_per_s"):
+            stages = _stage_times(r, alone.get((r["stages"], r.get("round", 1))))
+            if stages:
+                r["stage_times"] = stages
     ceilings = {}
     for r in records:  # k independent copies of ff-inprocess at once, each against one alone
         key = (r["stages"], r.get("round", 1))
@@ -228,6 +235,24 @@ def derive(records: list[dict], cores: int) -> None:
         if r.get("pipeline_efficiency") and (key := (r["stages"], r.get("round", 1))) in ceilings:
             r["parallel_ceiling"] = ceilings[key]
             r["efficiency_of_ceiling"] = round(r["pipeline_efficiency"] / ceilings[key], 3)
+
+
+def _stage_times(r: dict, alone: list | None) -> list[dict]:
+    """Per layer of an ff-pipeline run: its local update per batch (wall and CPU ms) there, the same layer's in
+    the ff-inprocess run of that round, and the pipeline's time per batch. A stage whose update takes all of the
+    time per batch is never waiting; the update's growth against alone is what sharing the machine costs it."""
+    layers = [r.get("processes", {}).get(f"layer{i}", {}) for i in range(r["stages"])]
+    if any(p.get("update_ms") is None for p in layers):
+        return []  # a GPU run, or workers that did not report it
+    batch_ms = r["config"]["batch_size"] * 1000 / r["samples_per_s"]
+    out = []
+    for i, p in enumerate(layers):
+        row = {"layer": i, "pipeline_ms": p["update_ms"], "pipeline_cpu_ms": p.get("update_cpu_ms"),
+               "batch_ms": round(batch_ms, 3), "share_of_batch": round(p["update_ms"] / batch_ms, 3)}
+        if alone and i < len(alone) and alone[i]:
+            row.update(inprocess_ms=alone[i], slowdown=round(p["update_ms"] / alone[i], 3))
+        out.append(row)
+    return out
 
 
 SPREAD = ("samples_per_s", "vs_bp_inprocess", "vs_ff_inprocess", "pipeline_efficiency", "ceiling", "efficiency_of_ceiling")
@@ -290,6 +315,22 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
             L.append(f"| {r['stages']} | {r.get('round', 1)} | {r['config']['copies']} | {_num(r.get('alone_samples_per_s'))} | "
                      f"{', '.join(_num(x) for x in r['samples_per_s_each'])} | {_num(r.get('ceiling'), '{:.2f}')} | "
                      f"{_num(pipe.get('pipeline_efficiency'), '{:.2f}')} | {_num(pipe.get('efficiency_of_ceiling'), '{:.2f}')} |")
+    staged = [r for r in rows if r.get("stage_times")]
+    if staged:
+        L.append("\n## Where a pipeline stage's time goes\n")
+        L.append("Each layer's local update per batch (`local_update`: forward, loss, backward, optimizer step), in ms: in "
+                 "ff-inprocess (the layers one after another in one process) and in ff-pipeline (the layer alone in its "
+                 "process; wall, and its thread's CPU), against the pipeline's time per batch (batch size / samples/s). "
+                 "The update's share of that time is what the stage spends learning; the rest of the slowest stage's time "
+                 "is receiving, decoding, sending and waiting. The slowdown is what running beside the other stages "
+                 "(sharing cores, caches and memory bandwidth) does to the same update.\n")
+        L.append("| round | stages | layer | update, ff-inprocess | update, ff-pipeline (wall / CPU) | slowdown | pipeline ms per batch | update / batch time |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(staged, key=lambda r: (r["stages"], r.get("round", 1))):
+            for st in r["stage_times"]:
+                L.append(f"| {r.get('round', 1)} | {r['stages']} | {st['layer']} | {_num(st.get('inprocess_ms'), '{:.1f}')} | "
+                         f"{st['pipeline_ms']:.1f} / {_num(st.get('pipeline_cpu_ms'), '{:.1f}')} | {_num(st.get('slowdown'), '{:.2f}')} | "
+                         f"{st['batch_ms']:.1f} | {st['share_of_batch']:.2f} |")
     wire = [r for r in records if r["kind"] == "wire"]
     if wire:
         L.append("\n## The wire's share of a stage\n")

@@ -134,10 +134,19 @@ def ff_inprocess(spec: dict, out: Path, ready=None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
 
-    def step(idx):
-        inprocess.train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen)
+    layer_s, calls = [0.0] * len(net.layers), [0]
 
-    return timed_steps(spec, step, len(data.train), gen, device, ready)
+    def step(idx):
+        calls[0] += 1
+        if calls[0] == spec["warmup"] + 1:  # the timed steps start: each layer's update time counts from here
+            layer_s[:] = [0.0] * len(layer_s)
+        inprocess.train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen, layer_s=layer_s)
+
+    record = timed_steps(spec, step, len(data.train), gen, device, ready)
+    if device.type == "cpu":  # each layer's local update per batch, as ff-pipeline's layers report theirs
+        timed = spec["steps"] - spec["warmup"]
+        record["processes"]["main"]["update_ms"] = [round(s / timed * 1000, 3) for s in layer_s]
+    return record
 
 
 CEILING_WAIT_S = 600  # how long a copy waits for the others to finish their warm-up
@@ -206,6 +215,7 @@ def ff_pipeline(spec: dict, out: Path) -> dict:
         procs[role] = {"peak_rss_mb": peak}
         if role.startswith("layer"):
             procs[role].update(busy=summary["train_busy"].get(role), rss_start_mb=summary["rss_start_mb"].get(role),
+                               update_ms=summary["update_ms"].get(role), update_cpu_ms=summary["update_cpu_ms"].get(role),
                                train_peak_rss_mb=summary["train_peak_rss_mb"].get(role),
                                peak_gpu_mb=summary.get("peak_gpu_mb", {}).get(role))
     record = {"processes": procs, "accounting_complete": summary["accounting"]["complete"],

@@ -40,8 +40,10 @@ def build(cfg: RunConfig, data: Data) -> FFNet:
     return net.to(cfg.device)
 
 
-def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, only_layer: int | None = None):
-    """One mini-batch. Returns the per-layer StepResults that ran (one layer when `only_layer` is set)."""
+def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, only_layer: int | None = None,
+               layer_s: list[float] | None = None):
+    """One mini-batch. Returns the per-layer StepResults that ran (one layer when `only_layer` is set).
+    With `layer_s` (one float per layer), each layer's local update adds its wall time there (ffpipe bench)."""
     cfg, c = net.cfg, net.num_classes
     x = net.inputs(images)  # (B, D)
     y = labels.to(x.device)
@@ -65,7 +67,10 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
             with torch.no_grad():
                 x_pos, x_neg = layer(x_pos), (None if x_neg is None else layer(x_neg))
             continue
+        t0 = time.perf_counter()
         r = local_update(layer, opt, x_pos, x_neg, y)
+        if layer_s is not None:
+            layer_s[i] += time.perf_counter() - t0
         results.append(r)
         if only_layer is not None:
             break

@@ -436,6 +436,9 @@ class Sink:
             "peak_rss_mb": peak,
             "busy_s": {f"layer{i}": s.get(f"layer{i}.busy_s") for i in layers},
             "train_busy": {f"layer{i}": s.get(f"layer{i}.train_busy") for i in layers},  # busy share of its train window
+            # each layer's local update per train batch, wall and its thread's CPU, in ms (CPU devices; first update left out)
+            "update_ms": {f"layer{i}": s.get(f"layer{i}.update_ms") for i in layers},
+            "update_cpu_ms": {f"layer{i}": s.get(f"layer{i}.update_cpu_ms") for i in layers},
             "rss_start_mb": {f"layer{i}": s.get(f"layer{i}.rss_start_mb") for i in layers},  # RSS at its first train batch
             "train_peak_rss_mb": {f"layer{i}": s.get(f"layer{i}.train_peak_rss_mb") for i in layers},  # from then to 1st eval
             "peak_gpu_mb": {f"layer{i}": s.get(f"layer{i}.peak_gpu_mb") for i in layers},  # allocated; None on CPU

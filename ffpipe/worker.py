@@ -85,6 +85,8 @@ class Worker:
         self.busy_s = 0.0  # time spent handling messages (train and eval)
         self.train_busy_s = 0.0  # time spent handling train messages, and the window they span:
         self.train_window: tuple[float, float] | None = None  # (first train message in, last train reply out)
+        self.updates = 0  # local updates made by this process; all but the first (which builds the optimizer's
+        self.update_s = self.update_cpu_s = 0.0  # state) are timed: wall and this thread's CPU, on a CPU device
         self.memory = PeakMemory()  # from the end of the first train batch (imports, layer and optimizer built)
         self.stopping = False
         self.passed_stop: Message | None = None  # the stop this layer forwarded before a restart (in its checkpoint)
@@ -205,7 +207,12 @@ class Worker:
         out = {"y": t["y"], "idx": t["idx"]}
         if "x_neu" in t:  # neutral pass first, with the weights the in-process trainer would use
             out.update(self._neutral(layer, t, b))
+        w0, c0 = time.perf_counter(), time.thread_time()
         r = local_update(layer, self.opt, x_pos, x_neg, self._to(t["y"]) if competitive else None)
+        if self.updates and self.device.type == "cpu":  # on a GPU this would time the kernel launches only
+            self.update_s += time.perf_counter() - w0
+            self.update_cpu_s += time.thread_time() - c0
+        self.updates += 1
         self.applied += 1
         self.last_batch = batch
         if batch % self.cfg.checkpoint_every == 0 or batch == total:
@@ -292,6 +299,8 @@ class Worker:
                 f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device),
                 f"layer{i}.train_busy": round(self.train_busy_s / (w[1] - w[0]), 3) if (w := self.train_window) and w[1] > w[0] else None,
                 f"layer{i}.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
+                f"layer{i}.update_ms": round(self.update_s / timed * 1000, 3) if (timed := self.updates - 1) > 0 and self.update_s else None,
+                f"layer{i}.update_cpu_ms": round(self.update_cpu_s / timed * 1000, 3) if timed > 0 and self.update_s else None,
                 f"layer{i}.peak_gpu_mb": (round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
                                           if self.device.type == "cuda" else None)}
 

@@ -69,6 +69,13 @@ def test_every_variant_gives_a_plausible_record_and_plots(tmp_path):
     assert set(throughput["bp-gpipe"]["processes"]) == {"stage0", "stage1"} and throughput["bp-gpipe"]["microbatches"] == 4
     assert throughput["ff-inprocess"]["vs_ff_inprocess"] == 1.0 and throughput["bp-inprocess"]["vs_bp_inprocess"] == 1.0
     assert throughput["ff-pipeline"]["pipeline_efficiency"] > 0
+    # each layer's local update per batch, timed in both FF variants: the stage-time breakdown pairs them
+    assert len(throughput["ff-inprocess"]["processes"]["main"]["update_ms"]) == 2
+    stages = throughput["ff-pipeline"]["stage_times"]
+    assert [s["layer"] for s in stages] == [0, 1]
+    for s in stages:
+        assert 0 < s["pipeline_cpu_ms"] and 0 < s["pipeline_ms"] < s["batch_ms"] * 1.05 and 0 < s["inprocess_ms"], s
+        assert s["slowdown"] == round(s["pipeline_ms"] / s["inprocess_ms"], 3) and 0 < s["share_of_batch"] <= 1.05, s
     ceiling = [r for r in records if r["kind"] == "ceiling"]
     if (os.cpu_count() or 1) >= 2:  # two copies of ff-inprocess at once, each timed after the other's warm-up
         (c,) = ceiling
@@ -86,6 +93,7 @@ def test_every_variant_gives_a_plausible_record_and_plots(tmp_path):
     assert bench["machine"]["cores"] >= 1 and bench["options"]["batch_size"] == 16
     md = (out / "bench.md").read_text()
     assert "| ff-pipeline | 2 | 2 |" in md and "Memory against batches in flight" in md and "The wire's share" in md
+    assert "Where a pipeline stage's time goes" in md
     for png in ("throughput.png", "memory.png"):
         assert _valid_png(out / png), png
     assert not any(_alive(pid) for pid in _started_pids(out))
@@ -155,6 +163,16 @@ def test_ratios_and_efficiency():
     records.append(ceiling)
     derive(records, cores=2)
     assert ceiling["ceiling"] == 0.75 and pipe["parallel_ceiling"] == 0.75 and pipe["efficiency_of_ceiling"] == 1.2
+    assert "stage_times" not in pipe  # no layer reported its update time (as on a GPU)
+    # layers that update in 40 and 50 ms in the pipeline, 20 and 25 ms one after another in one process;
+    # 1,000 images/s at batch 50 is 50 ms per batch: layer 1 never waits, layer 0 waits a fifth of the time
+    ff1["processes"] = {"main": {"update_ms": [20.0, 25.0]}}
+    pipe.update(samples_per_s=1000, config={"device": "cpu", "batch_size": 50},
+                processes={"layer0": {"update_ms": 40.0, "update_cpu_ms": 38.0}, "layer1": {"update_ms": 50.0, "update_cpu_ms": 45.0}})
+    derive(records, cores=2)
+    assert pipe["stage_times"] == [
+        {"layer": 0, "pipeline_ms": 40.0, "pipeline_cpu_ms": 38.0, "batch_ms": 50.0, "share_of_batch": 0.8, "inprocess_ms": 20.0, "slowdown": 2.0},
+        {"layer": 1, "pipeline_ms": 50.0, "pipeline_cpu_ms": 45.0, "batch_ms": 50.0, "share_of_batch": 1.0, "inprocess_ms": 25.0, "slowdown": 2.0}]
     with pytest.raises(ValueError):
         BenchOptions(steps=1)
     with pytest.raises(ValueError, match="a benchmark names its data"):
