@@ -41,6 +41,19 @@ class _ReLUFullGrad(torch.autograd.Function):
         return grad
 
 
+class _Contiguous(torch.autograd.Function):
+    """x.contiguous() whose backward also hands back a contiguous gradient: bmm's backward on CPU copies a
+    strided gradient matrix by matrix, and the gradient that comes back through a permute is strided."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 _SPEC = re.compile(r"^(?:(\d+)|(conv|lc)(\d+)(?:k(\d+))?(?:s(\d+))?(?:p(\d+))?)$")
 
 
@@ -266,8 +279,11 @@ class LocalFFLayer(_ImageFFLayer):
     def _local(self, x):
         k = self.spec.kernel
         patches = F.unfold(x, k, padding=k // 2, stride=self.spec.stride)  # (B, C*k*k, P)
-        z = torch.einsum("bfp,pfo->bop", patches, self.weight)  # (B, C', P)
-        return z.view(x.shape[0], self.spec.units, *self.grid) + self.bias
+        # one (B, F) @ (F, C') product per position, as a batched matmul over contiguous (P, B, ...) operands, its
+        # gradient included: einsum("bfp,pfo->bop") handed bmm strided ones, which torch on CPU copies position by position
+        patches = patches.transpose(1, 2).contiguous().transpose(0, 1).contiguous()  # (P, B, F), in two cache-friendlier copies
+        z = _Contiguous.apply(torch.bmm(patches, self.weight))  # (P, B, C')
+        return z.permute(1, 2, 0).reshape(x.shape[0], self.spec.units, *self.grid) + self.bias
 
     def _label_bias(self, label):
         return torch.einsum("bk,kohw->bohw", label, self.label)

@@ -172,7 +172,12 @@ def test_locally_connected_layer_matches_a_per_position_reference():
             patch = padded[:, :, i * s : i * s + k, j * s : j * s + k].reshape(4, -1)  # (B, C*k*k), channel-major
             z = patch @ layer.weight[i * 3 + j] + layer.bias[:, i, j] + layer.label[y][:, :, i, j]
             expected[:, :, i, j] = torch.relu(z)
-    assert_close(layer(xo), expected.flatten(1))
+    out = layer(xo)
+    assert_close(out, expected.flatten(1))
+    # and so do its gradients (the batched matmul's backward is arranged by hand for speed)
+    g = torch.randn_like(out)
+    params = [layer.weight, layer.bias, layer.label]
+    assert_close(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((expected.flatten(1) * g).sum(), params))
 
 
 def test_an_image_layer_learns_by_the_same_local_update():
