@@ -25,7 +25,7 @@ import torch
 from ffpipe import checkpoint
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, input_stats
-from ffpipe.layer import out_widths
+from ffpipe.layer import check_net, out_widths
 from ffpipe.metrics import write_json
 from ffpipe.topology import Topology
 
@@ -92,6 +92,8 @@ class Launcher:
             raise ValueError(f"--restart must be no or on-failure; got {restart!r}")
         if max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0; got {max_restarts}")
+        # what a layer process would refuse at its first batch, refused here before any process starts
+        check_net(cfg.layers, data.shape, data.num_classes, cfg.competitive)
         self.restart, self.max_restarts = restart, max_restarts
         self.restarts: dict[str, int] = {}
         self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads

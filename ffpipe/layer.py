@@ -118,6 +118,24 @@ def plan(layers, in_shape: tuple[int, ...]) -> list[tuple[LayerSpec, tuple[int, 
     return out
 
 
+def check_channels(channels: int, num_classes: int) -> None:
+    if channels < num_classes:
+        raise ValueError(f"the competitive loss needs at least one channel per class: {channels} < {num_classes}")
+
+
+def check_net(layers, in_shape: tuple[int, ...], num_classes: int, competitive: bool):
+    """`plan(layers, in_shape)`, or ValueError for whatever building that net would refuse: inputs too small for
+    the label overlay or for a layer, and with the competitive loss a layer with fewer channels than classes.
+    The in-process net calls it before it builds anything, the pipeline's launcher before it starts a process."""
+    if math.prod(in_shape) <= num_classes:
+        raise ValueError(f"inputs of {math.prod(in_shape)} features cannot hold a {num_classes}-class label overlay")
+    shapes = plan(layers, in_shape)
+    if competitive:
+        for spec, _, _ in shapes:
+            check_channels(spec.units, num_classes)  # a layer's channels: a unit or an image channel each
+    return shapes
+
+
 def out_widths(layers, in_shape: tuple[int, ...] | None) -> list[int]:
     """Every layer's flat output width. A fully connected net needs no input shape."""
     specs = [LayerSpec.parse(s) for s in layers]
@@ -156,8 +174,7 @@ class _FFBase(nn.Module):
 
     def set_classes(self, num_classes: int) -> None:
         """For the competitive loss: channel k belongs to class k mod C; `groups` averages each class's channels."""
-        if self.channels < num_classes:
-            raise ValueError(f"the competitive loss needs at least one channel per class: {self.channels} < {num_classes}")
+        check_channels(self.channels, num_classes)
         owner = torch.arange(self.channels) % num_classes
         groups = F.one_hot(owner, num_classes).float()
         self.register_buffer("groups", groups / groups.sum(dim=0), persistent=False)  # (channels, C)

@@ -14,7 +14,7 @@ from torch import nn
 from ffpipe import ff
 from ffpipe.config import RunConfig
 from ffpipe.data import equalize
-from ffpipe.layer import build_layer, plan
+from ffpipe.layer import build_layer, check_net
 
 
 def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool,
@@ -40,9 +40,7 @@ class FFNet(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         c, h, w = in_shape
-        if c * h * w <= num_classes:
-            raise ValueError(f"inputs of {c * h * w} features cannot hold a {num_classes}-class label overlay")
-        shapes = plan(cfg.layers, in_shape)
+        shapes = check_net(cfg.layers, in_shape, num_classes, cfg.competitive)
         self.widths = [math.prod(out) for _, _, out in shapes]
         self.layers = nn.ModuleList(
             build_layer(k, spec, shape, cfg.layer, cfg.seed, num_classes) for k, (spec, shape, _) in enumerate(shapes)

@@ -89,6 +89,10 @@ def test_predict_classifies_image_files(trained, tmp_path):
     [
         (["run", "--layers", "abc"], "is not a width"),
         (["run", "--layers", "500,conv8"], "cannot follow"),
+        # refused by the pipeline's launcher before it starts a process, as by the in-process trainer
+        (["run", "--dataset", "digits", "--loss", "competitive", "--layers", "conv4k3p2,20"], "one channel per class: 4 < 10"),
+        (["run", "--dataset", "digits", "--layers", "conv8p4,conv8p4,conv8p4"], "too small"),
+        (["run", "--dataset", "digits", "--inprocess", "--loss", "competitive", "--layers", "20,8"], "one channel per class: 8 < 10"),
         (["run", "--preset", "fastest"], "unknown preset"),
         (["run", "--dataset", "imagenet"], "dataset must be one of"),
         (["run", "--epochs", "0"], "epochs"),
