@@ -7,6 +7,7 @@
 #     check-*/        the hinton preset on MNIST, pipelined on cuda, then in-process on cuda (pipeline issue)
 #     seed-*/         the seed report's recipe (`seed` preset) on MNIST, FER2013 and CIFAR-10 (results issue)
 #     cifar-a/        convolutional competitive FF on CIFAR-10, pipelined, every stage on cuda, 35 epochs
+#     cifar-lc/       the non-convolutional goal: locally connected competitive FF on CIFAR-10, pipelined, 20 epochs
 # (bp-gpipe/bp-1f1b are left out: NCCL refuses two ranks on one GPU, as the first GPU session recorded.)
 # Every run is bounded by `timeout`; one stopped by it keeps its assembled checkpoint, which is then evaluated
 # on the test set once (test-eval.json). Everything comes back as $OUT/gpu-results.tar.gz (+ checkpoints tarred).
@@ -79,7 +80,8 @@ pack
 # ---- phase B: every accuracy run side by side. The first GPU session (results/gpu-h200) ran the conv recipes on
 # MNIST and FER2013 and a wider CIFAR-10 net with shifts; what it left undone comes first here.
 if [ "$DRY" = 1 ]; then TS=(--train-size 2000 --val-size 500); SEEDEP=(--epochs 3); CA=conv10k3p2,conv20k3p2,conv40k3p2
-else TS=(); SEEDEP=(); CA=conv100k3p2,conv200k3p2,conv400k3p2; fi
+  LC=lc10k3p2,lc20k3p2,lc40k3p2  # the competitive loss needs a channel per class
+else TS=(); SEEDEP=(); CA=conv100k3p2,conv200k3p2,conv400k3p2; LC=lc32k3p2,lc64k3p2,lc128k3p2; fi
 ep() { [ "$DRY" = 1 ] && echo 1 || echo "$1"; }  # epochs (1 in a dry run)
 conv=(--standardize --loss competitive --optimizer adam --lr 1e-3 --peer-norm 0 --score-last)
 job check-pipeline 170 --preset hinton --dataset mnist --epochs "$(ep 10)" --eval-every 2 --devices "$DEV" "${TS[@]}" &
@@ -92,6 +94,10 @@ done
 sleep 2
 job cifar-a 400 --dataset cifar10 --val-size 5000 --flip "${conv[@]}" --layers $CA \
   --batch-size 256 --epochs "$(ep 35)" --eval-every 5 --devices "$DEV" "${TS[@]}" &
+pids+=($!)
+sleep 2  # the CPU run's recipe (results/cifar10-lc-16), longer
+job cifar-lc 400 --dataset cifar10 --val-size 5000 --flip "${conv[@]}" --layers $LC \
+  --batch-size 100 --epochs "$(ep 20)" --eval-every 4 --devices "$DEV" "${TS[@]}" &
 pids+=($!)
 wait $check  # the pipelined check first, then the same recipe in-process, alone of its kind
 job check-inprocess 150 --preset hinton --dataset mnist --epochs "$(ep 10)" --eval-every 2 --inprocess --device "$DEV" --threads 1 "${TS[@]}"
