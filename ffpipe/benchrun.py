@@ -134,15 +134,17 @@ def ff_inprocess(spec: dict, out: Path, ready=None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
 
-    layer_s, calls = [0.0] * len(net.layers), [0]
+    layer_s = [0.0] * len(net.layers)
 
     def step(idx):
-        calls[0] += 1
-        if calls[0] == spec["warmup"] + 1:  # the timed steps start: each layer's update time counts from here
-            layer_s[:] = [0.0] * len(layer_s)
         inprocess.train_step(net, opts, ro_opt, data.train.x[idx], data.train.y[idx], gen, layer_s=layer_s)
 
-    record = timed_steps(spec, step, len(data.train), gen, device, ready)
+    def timing_starts():  # between the warm-up and the timed steps: each layer's update time counts from here
+        layer_s[:] = [0.0] * len(layer_s)
+        if ready is not None:
+            ready()
+
+    record = timed_steps(spec, step, len(data.train), gen, device, timing_starts)
     if device.type == "cpu":  # each layer's local update per batch, as ff-pipeline's layers report theirs
         timed = spec["steps"] - spec["warmup"]
         record["processes"]["main"]["update_ms"] = [round(s / timed * 1000, 3) for s in layer_s]
