@@ -129,23 +129,59 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Stop a run and every process it started (they share its process group)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+def _started_by(pid: int) -> set[int]:
+    """Every process below `pid` or in its process group, from /proc (Linux; empty elsewhere). A launcher starts
+    its layers in sessions of their own, so a signal to the run's process group alone does not reach them."""
+    children: dict[int, list[int]] = {}
+    group = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+            _, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone while we looked
+        me = int(stat.parent.name)
+        children.setdefault(int(ppid), []).append(me)
+        if int(pgrp) == pid:
+            group.add(me)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return (found | group) - {pid}
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init, which may never reap it in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop a run and every process it started: its process group and, found through /proc, the processes below
+    it that live in sessions of their own. SIGTERM first (a launcher then stops its pipeline in order), SIGKILL
+    for whatever is left after 5 s; returns once none of them runs (or 5 s after the SIGKILL)."""
+    tree: set[int] = set()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        tree |= _started_by(proc.pid)  # before the signal: an orphan is no longer below proc
+        proc.send_signal(sig)  # a no-op once it has been reaped, so never a stranger that got its pid
+        for pid in tree:
             try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
+                os.kill(pid, sig)
+            except OSError:
+                pass  # gone already
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not any(_running(pid) for pid in tree):
                 return
-            if proc.poll() is None:
-                time.sleep(0.05)
-            else:
-                time.sleep(0.05)
+            time.sleep(0.05)
 
 
 def run_one(spec: dict, timeout_s: float) -> dict:

@@ -127,6 +127,30 @@ def test_a_run_past_its_timeout_is_killed_with_everything_it_started_and_reporte
     assert len(pids) == 5 and not any(_alive(pid) for pid in pids)
 
 
+def test_killing_a_run_reaches_the_processes_it_started_in_sessions_of_their_own(tmp_path):
+    """What a launcher does: its children live in new sessions, out of reach of a signal to its process group.
+    One of them shrugs off SIGTERM; _kill_group must still leave nothing running when it returns."""
+    from ffpipe.bench import _kill_group
+
+    pids = tmp_path / "pid"
+    grandchild = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  f"open({str(pids)!r} + '.tmp', 'w').write(str(os.getpid())); os.rename({str(pids)!r} + '.tmp', {str(pids)!r}); time.sleep(120)")
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}], start_new_session=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pids.exists() and time.monotonic() < deadline:  # written once it ignores SIGTERM
+        time.sleep(0.05)
+    stubborn = int(pids.read_text())
+    try:
+        assert _alive(stubborn)
+        _kill_group(proc)
+        assert proc.returncode is not None and not _alive(stubborn)
+    finally:
+        for pid in (proc.pid, stubborn):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_bad_options_fail_with_one_line(tmp_path):
     for args, message in (
         (["--variants", "ff-inprocess,nonsense"], "--variants must be"),
