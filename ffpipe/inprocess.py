@@ -17,7 +17,7 @@ import torch
 from ffpipe import checkpoint, ff
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
-from ffpipe.layer import local_update, make_optimizer, set_lr
+from ffpipe.layer import RESUME_OLD_LAYOUT, local_update, make_optimizer, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import FFNet, evaluate, readout_step
 from ffpipe.progress import RunProgress
@@ -98,6 +98,8 @@ def restore(payload: dict, net: FFNet, opts, ro_opt, gen: torch.Generator) -> No
     """Load a checkpoint's weights, optimizer states and generator state into a freshly built run."""
     try:
         net.load_state_dict(payload["model"])
+        if not all(layer.resumable for layer in net.layers):
+            raise ValueError(RESUME_OLD_LAYOUT)
         for opt, state in zip(opts, payload["optimizers"], strict=True):
             opt.load_state_dict(state)
         ro_opt.load_state_dict(payload["readout_optimizer"])

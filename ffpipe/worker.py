@@ -30,7 +30,7 @@ import torch
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import build_layer, local_update, make_optimizer, out_widths, plan, set_lr
+from ffpipe.layer import RESUME_OLD_LAYOUT, build_layer, local_update, make_optimizer, out_widths, plan, set_lr
 from ffpipe.metrics import PeakMemory
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError, parse_shape
@@ -113,6 +113,8 @@ class Worker:
             # checkpoints written before image layers hold fully connected layers, which need no class count
             self._ensure_layer(int(payload["in_features"]), payload.get("shape"), payload.get("classes") or 2)
             self.layer.load_state_dict(payload["layer"])
+            if not self.layer.resumable:
+                raise ValueError(RESUME_OLD_LAYOUT)
             self.opt.load_state_dict(payload["optimizer"])
             self.applied, self.last_batch, self.epoch = payload["applied"], payload["last_batch"], payload["epoch"]
             self.durable = self.last_batch

@@ -169,15 +169,57 @@ def test_locally_connected_layer_matches_a_per_position_reference():
     expected = torch.empty(4, 3, 3, 3)
     for i in range(3):
         for j in range(3):
-            patch = padded[:, :, i * s : i * s + k, j * s : j * s + k].reshape(4, -1)  # (B, C*k*k), channel-major
-            z = patch @ layer.weight[i * 3 + j] + layer.bias[:, i, j] + layer.label[y][:, :, i, j]
+            patch = padded[:, :, i * s : i * s + k, j * s : j * s + k].permute(0, 2, 3, 1).reshape(4, -1)  # (B, k*k*C)
+            z = patch @ layer.filters[i * 3 + j] + layer.bias[:, i, j] + layer.label[y][:, :, i, j]
             expected[:, :, i, j] = torch.relu(z)
     out = layer(xo)
     assert_close(out, expected.flatten(1))
     # and so do its gradients (the batched matmul's backward is arranged by hand for speed)
     g = torch.randn_like(out)
-    params = [layer.weight, layer.bias, layer.label]
+    params = [layer.filters, layer.bias, layer.label]
     assert_close(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((expected.flatten(1) * g).sum(), params))
+
+
+@pytest.mark.parametrize("competitive", [False, True])
+def test_a_pooled_locally_connected_layer_is_max_pooling_of_the_unpooled_one(competitive):
+    """Its pooling runs on its own (H, W, B, C) layout; the same windows, values and gradients as max_pool2d's."""
+    classes, shape = 2, (3, 6, 7)  # 7 columns: pooling by 2 drops the last, as max_pool2d does
+    cfg = _image_cfg(loss="competitive") if competitive else _image_cfg()
+    pooled = build_layer(0, "lc4k3p2", shape, cfg, seed=0, num_classes=classes)
+    flat = build_layer(0, "lc4k3", shape, cfg, seed=0, num_classes=classes)
+    with torch.no_grad():
+        pooled.bias.normal_()
+    with torch.no_grad():
+        for a, b in zip(flat.parameters(), pooled.parameters(), strict=True):
+            a.copy_(b)
+    x = ff.overlay(torch.randn(5, 3 * 6 * 7), torch.tensor([0, 1, 1, 0, 1]), classes)
+    out = pooled(x)
+    expected = F.max_pool2d(flat(x).view(5, 4, 6, 7), 2).flatten(1)
+    assert out.shape == (5, 4 * 3 * 3) and torch.equal(out, expected)
+    g = torch.randn_like(out)
+    assert_close(torch.autograd.grad((out * g).sum(), list(pooled.parameters())),
+                 torch.autograd.grad((expected * g).sum(), list(flat.parameters())))
+
+
+def test_a_locally_connected_checkpoint_from_before_the_row_column_channel_layout_still_evaluates_but_does_not_resume():
+    from ffpipe.checkpoint import CheckpointError
+    from ffpipe.config import preset
+    from ffpipe.inprocess import restore
+    from ffpipe.model import FFNet
+
+    cfg = preset("quick", layers=["lc3k3s2", 8])
+    net = FFNet((2, 5, 5), 2, cfg)
+    state = net.state_dict()
+    p, f, o = state["layers.0.filters"].shape  # the earlier layout: inputs ordered (channel, row, column), named `weight`
+    state["layers.0.weight"] = state.pop("layers.0.filters").view(p, 3, 3, 2, o).permute(0, 3, 1, 2, 4).reshape(p, f, o)
+    fresh = FFNet((2, 5, 5), 2, dataclasses.replace(cfg, seed=1))
+    assert fresh.layers[0].resumable
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.layers[0].filters, net.layers[0].filters) and not fresh.layers[0].resumable
+    x = torch.randn(3, 50)
+    assert_close(fresh.layers[0](x), net.layers[0](x))
+    with pytest.raises(CheckpointError, match="ordered their inputs .channel, row, column.* start a fresh run"):
+        restore({"model": state}, FFNet((2, 5, 5), 2, cfg), [], None, None)
 
 
 def test_an_image_layer_learns_by_the_same_local_update():

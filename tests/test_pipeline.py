@@ -57,7 +57,7 @@ def test_image_layers_run_as_pipeline_stages_with_the_same_updates(tmp_path, fla
     _cli("run", *common, "--out", tmp_path / "pipe")
     _cli("run", "--inprocess", *common, "--out", tmp_path / "inproc")
     pipe, inproc = (checkpoint.load(tmp_path / d)["model"] for d in ("pipe", "inproc"))
-    assert pipe.keys() == inproc.keys() and "layers.1.weight" in pipe
+    assert pipe.keys() == inproc.keys() and "layers.1.filters" in pipe
     assert ("layers.0.label" in pipe) == ("competitive" not in flags)  # competitive nets overlay no label
     for key in pipe:
         assert_close(pipe[key], inproc[key], msg=key)
