@@ -132,20 +132,17 @@ def test_killing_a_run_reaches_the_processes_it_started_in_sessions_of_their_own
     One of them shrugs off SIGTERM; _kill_group must still leave nothing running when it returns."""
     from ffpipe.bench import _kill_group
 
-    pids = tmp_path / "pid"
-    grandchild = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                  f"open({str(pids)!r} + '.tmp', 'w').write(str(os.getpid())); os.rename({str(pids)!r} + '.tmp', {str(pids)!r}); time.sleep(120)")
-    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}], start_new_session=True); time.sleep(120)"
-    proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not pids.exists() and time.monotonic() < deadline:  # written once it ignores SIGTERM
-        time.sleep(0.05)
-    stubborn = int(pids.read_text())
+    # the grandchild says its pid on the pipe they share once it ignores SIGTERM; both then wait to be killed
+    grandchild = "import os, signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(os.getpid(), flush=True); signal.pause()"
+    child = f"import signal, subprocess, sys; subprocess.Popen([sys.executable, '-c', {grandchild!r}], start_new_session=True); signal.pause()"
+    proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    stubborn = int(proc.stdout.readline())
     try:
         assert _alive(stubborn)
         _kill_group(proc)
         assert proc.returncode is not None and not _alive(stubborn)
     finally:
+        proc.stdout.close()
         for pid in (proc.pid, stubborn):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
