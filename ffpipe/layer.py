@@ -389,7 +389,7 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     float parameters): one pass over each parameter per step, 2-9x faster on CPU than the default
     implementation's several full-size temporaries, the same update to float rounding."""
     params = list(params)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    fused = True if params and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) else None
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "sgd":
