@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPTIM_LR = 1e-3  # Adam: the usual robust choice for an MLP on these datasets
+from ffpipe.config import OptimConfig
+from ffpipe.layer import make_optimizer
+
+# Adam at 1e-3, the usual robust choice for an MLP on these datasets, built as every FF layer's optimizer is (fused)
+OPTIM = OptimConfig(name="adam", lr=1e-3, weight_decay=0.0)
 
 
 def stages(in_features: int, widths: list[int], classes: int, seed: int) -> list[nn.Sequential]:
@@ -69,7 +73,7 @@ def _pp_rank(rank: int, world: int, spec: dict, port: int, out: str) -> None:
         data, x_all, y_all = load_data(spec, device)
         parts = stages(x_all.shape[1], spec["layers"], data.num_classes, spec["seed"])
         module = parts[rank].to(device)
-        opt = torch.optim.Adam(module.parameters(), lr=OPTIM_LR, fused=True)  # fused, as every FF layer's (make_optimizer)
+        opt = make_optimizer(module.parameters(), OPTIM)
         stage = PipelineStage(module, rank, world, device)
         engine = {"bp-gpipe": ScheduleGPipe, "bp-1f1b": Schedule1F1B}[spec["variant"]]
         m, bs = spec["microbatches"], spec["batch_size"]

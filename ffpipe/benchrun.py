@@ -233,12 +233,13 @@ def ff_pipeline(spec: dict, out: Path) -> dict:
 
 def bp_inprocess(spec: dict, out: Path) -> dict:
     from ffpipe import backprop
+    from ffpipe.layer import make_optimizer
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     data, x_all, y_all = load_data(spec, device)
     model = backprop.mlp(x_all.shape[1], spec["layers"], data.num_classes, spec["seed"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=backprop.OPTIM_LR, fused=True)  # fused, as every FF layer's (make_optimizer)
+    opt = make_optimizer(model.parameters(), backprop.OPTIM)
     gen = torch.Generator().manual_seed(spec["seed"])
 
     def step(idx):
