@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,6 +69,7 @@ def run(
     shift: Annotated[Optional[int], typer.Option(help="Augmentation: translate training images by up to N pixels (0 = off).", rich_help_panel=_PANEL_DATA)] = None,
     standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Subtract each channel's training mean and divide by its std.", rich_help_panel=_PANEL_DATA)] = None,
     equalize: Annotated[Optional[bool], typer.Option("--equalize/--no-equalize", help="Histogram-equalize every image (train, test, predict) before anything else.", rich_help_panel=_PANEL_DATA)] = None,
+    test_blur: Annotated[Optional[float], typer.Option(help="Blur test images (and ffpipe predict's) with a Gaussian of this sigma in pixels, for a training set whose images were blurred (FER2013's image-folder copy: 3); 0 = off.", rich_help_panel=_PANEL_DATA)] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Augmentation: mirror training images left-right at random (CIFAR-10, FER2013).", rich_help_panel=_PANEL_DATA)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Hidden layers: widths (1000,1000,1000) and/or image layers first (conv64k3p2,lc32k5s2,1000).", rich_help_panel=_PANEL_MODEL)] = None,
     norm: Annotated[Optional[str], typer.Option(help="Input normalization of every layer: rms or l2.", rich_help_panel=_PANEL_MODEL)] = None,
@@ -115,7 +117,7 @@ def run(
 
     flags = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
-        train_size=train_size, shift=shift, flip=flip, standardize=standardize, equalize=equalize, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+        train_size=train_size, shift=shift, flip=flip, standardize=standardize, equalize=equalize, test_blur=test_blur, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
         predict=predict, skip_first=skip_first, score_last=score_last, eval_every=eval_every, seed=seed, device=device, threads=threads,
         out=str(out) if out else None, checkpoint_every=checkpoint_every, retransmit_s=retransmit_after,
     )
@@ -147,7 +149,7 @@ def run(
             cfg = config.override_nested(config.preset(preset, **{**flags, "dataset": data.name}), **nested)
         elif data.name != cfg.dataset:
             cfg = config.apply(cfg, dataset=data.name)
-        data = datasets.hold_out(data, cfg.val_size, cfg.train_size)
+        data = datasets.blur_test(datasets.hold_out(data, cfg.val_size, cfg.train_size), cfg.test_blur)
         if inprocess:
             from ffpipe import checkpoint
 
@@ -204,7 +206,7 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
         from ffpipe.source import run_source
 
         data = datasets.hold_out(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download), cfg.val_size, cfg.train_size)
-        run_source(cfg, data, topo, resume=resume)
+        run_source(cfg, datasets.blur_test(data, cfg.test_blur), topo, resume=resume)
     elif role == "layer":
         from ffpipe.worker import run_worker
 
@@ -232,6 +234,7 @@ def eval_(
     predict: Annotated[Optional[str], typer.Option(help="goodness or readout (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
     confusion: Annotated[Optional[Path], typer.Option(help="Also draw the confusion matrix (per-class accuracy) to this PNG file.")] = None,
+    test_blur: Annotated[Optional[float], typer.Option(help="Blur the test images with a Gaussian of this sigma (pixels) first; 0 = off (default: the run's --test-blur).")] = None,
 ) -> None:
     """Re-evaluate a saved model on a dataset split; print its accuracy, per-class accuracy and confusion matrix as JSON."""
     from ffpipe import data as datasets
@@ -246,7 +249,10 @@ def eval_(
             raise ValueError(f"split must be test, val or train; got {split!r}")
         if predict not in (None, "goodness", "readout"):
             raise ValueError(f"predict must be goodness or readout; got {predict!r}")
-        data = datasets.load(meta["name"], data_dir or cfg.data_dir, download=cfg.download, val_size=cfg.val_size)
+        if test_blur is not None and not (test_blur >= 0 and math.isfinite(test_blur)):
+            raise ValueError(f"--test-blur must be >= 0; got {test_blur!r}")
+        data = datasets.blur_test(datasets.load(meta["name"], data_dir or cfg.data_dir, download=cfg.download, val_size=cfg.val_size),
+                                  cfg.test_blur if test_blur is None else test_blur)
         part = {"test": data.test, "val": data.val, "train": data.train}[split]
         if part is None:
             raise ValueError("this run held out no validation set (val_size 0)")
@@ -256,6 +262,7 @@ def eval_(
             title = f"{data.name} {split}, {','.join(map(str, cfg.layers))}: accuracy {100 * result['accuracy']:.2f}%"
             plot_confusion(counts, data.classes, title, confusion)
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "dataset": data.name, "split": split,
+                               **({"test_blur": cfg.test_blur if test_blur is None else test_blur} if split == "test" else {}),
                                "predict": predict or cfg.predict, "samples": len(part), "accuracy": result["accuracy"],
                                "per_class": dict(zip(data.classes, per_class_accuracy(counts))), "confusion": counts.tolist()}))
     except (ValueError, DataError, CheckpointError) as e:

@@ -81,6 +81,8 @@ class RunConfig:
     train_size: int = 0  # train on only the first N training images (after the hold-out); 0 = all
     standardize: bool = False  # subtract the dataset mean and divide by its std (the popular example does)
     equalize: bool = False  # histogram-equalize every image first (train, test and `ffpipe predict` alike)
+    test_blur: float = 0.0  # sigma (pixels) of a Gaussian blur on test images and `ffpipe predict`'s, for a
+    #                         training set that was blurred (FER2013's image-folder copy: about 3); 0 = off
     label_value: float | None = 1.0  # value written into the one-hot label slot; None = the batch's max pixel
     shift: int = 0  # augmentation: translate each training image by up to this many pixels (0 = off)
     flip: bool = False  # augmentation: mirror training images left-right at random (not for digits)
@@ -129,6 +131,7 @@ class RunConfig:
         _positive("val_size", self.val_size, allow_zero=True)
         _positive("train_size", self.train_size, allow_zero=True)
         _positive("shift", self.shift, allow_zero=True)
+        _positive("test_blur", self.test_blur, allow_zero=True)
         _positive("threads", self.threads, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)
         _positive("log_every", self.log_every)

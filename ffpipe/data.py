@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import zlib
 import os
 import socket
@@ -390,6 +391,55 @@ def equalize(images: torch.Tensor) -> torch.Tensor:
     from torchvision.transforms.v2.functional import equalize as tv_equalize
 
     return tv_equalize(images)
+
+
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of uint8 images (B, C, H, W) with a standard deviation of `sigma` pixels (reflecting at the
+    borders; the kernel spans 3 sigma either side, at most the image). sigma 0 returns the images as they are."""
+    if not sigma:
+        return images
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    reach = min(math.ceil(3 * sigma), (min(images.shape[-2:]) - 1) // 2)
+    return gaussian_blur(images, kernel_size=[2 * reach + 1] * 2, sigma=[float(sigma)] * 2)
+
+
+def blur_test(data: Data, sigma: float) -> Data:
+    """The same data with its test images blurred (`--test-blur`): for a training set whose images were blurred
+    and a test set whose images were not, such as FER2013's image-folder copy (see `blur_sigma`)."""
+    if not sigma:
+        return data
+    return Data(data.name, data.train, Split(blur(data.test.x, sigma), data.test.y), data.val, data.classes, data.source)
+
+
+def blur_sigma(blurred: torch.Tensor, sharp: torch.Tensor, floor: float = 0.01) -> float:
+    """The sigma of the Gaussian blur that best turns `sharp` images into `blurred` ones, from their average power
+    spectra alone (no labels): blurring multiplies the power at spatial frequency f (cycles per pixel) by
+    exp(-4 pi^2 sigma^2 f^2). Fitted over the radial frequencies where the power ratio is above `floor` (below it,
+    JPEG noise dominates). 0 when `blurred` is not blurrier. Images (N, C, H, W) of one size, uint8 or float."""
+
+    def power(x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (H, W): mean power spectrum, windowed
+        x = x.double()
+        x = x - x.mean(dim=(-2, -1), keepdim=True)
+        window = torch.outer(torch.hann_window(x.shape[-2], periodic=False, dtype=x.dtype),
+                             torch.hann_window(x.shape[-1], periodic=False, dtype=x.dtype))
+        return torch.fft.fft2(x * window).abs().square().mean(dim=(0, 1))
+
+    h, w = sharp.shape[-2:]
+    ratio = power(blurred) / power(sharp)
+    f = torch.sqrt(torch.fft.fftfreq(h, dtype=torch.float64)[:, None] ** 2 + torch.fft.fftfreq(w, dtype=torch.float64)[None, :] ** 2)
+    rings = torch.round(f * max(h, w)).long()  # radial bins of width 1/max(h, w)
+    f2, logs = [], []
+    for k in range(1, int(rings.max()) + 1):
+        r = ratio[rings == k].mean()
+        if r < floor:
+            break
+        f2.append((k / max(h, w)) ** 2)
+        logs.append(-torch.log(r).item())
+    f2, logs = torch.tensor(f2, dtype=torch.float64), torch.tensor(logs, dtype=torch.float64)
+    if len(f2) == 0 or (f2 * logs).sum() <= 0:
+        return 0.0
+    return math.sqrt((f2 * logs).sum().item() / (4 * math.pi**2 * (f2 * f2).sum().item()))
 
 
 def input_stats(data: Data, standardize: bool, equalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from ffpipe import checkpoint
 from ffpipe.config import RunConfig
-from ffpipe.data import DataError
+from ffpipe.data import DataError, blur
 from ffpipe.model import FFNet
 
 
@@ -42,7 +42,7 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def classify_files(net: FFNet, meta: dict, paths: list[Path], mode: str | None = None) -> list[dict]:
-    images = torch.stack([read_image(p, tuple(meta["shape"])) for p in paths])
+    images = blur(torch.stack([read_image(p, tuple(meta["shape"])) for p in paths]), net.cfg.test_blur)
     scores = net.scores(net.inputs(images), mode)
     rows = []
     for path, s in zip(paths, scores):

@@ -71,6 +71,22 @@ def test_eval_reports_per_class_accuracy_and_draws_the_confusion_matrix(trained,
     assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_can_blur_the_test_images(trained):
+    from ffpipe.data import blur, load
+    from ffpipe.model import evaluate
+    from ffpipe.serve import load_model
+
+    result = _run("eval", "--checkpoint", trained, "--test-blur", "1.5")
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    net, _ = load_model(trained)
+    test = load("digits", "data").test
+    assert line["test_blur"] == 1.5 and line["accuracy"] == pytest.approx(evaluate(net, blur(test.x, 1.5), test.y)["accuracy"])
+    assert json.loads(_run("eval", "--checkpoint", trained).stdout.strip().splitlines()[-1])["test_blur"] == 0.0  # the run's
+    bad = _run("eval", "--checkpoint", trained, "--test-blur", "-1")
+    assert bad.exit_code == 1 and "--test-blur must be >= 0" in bad.output
+
+
 def test_predict_classifies_image_files(trained, tmp_path):
     paths = []
     for i in range(2):
@@ -96,6 +112,7 @@ def test_predict_classifies_image_files(trained, tmp_path):
         (["run", "--preset", "fastest"], "unknown preset"),
         (["run", "--dataset", "imagenet"], "dataset must be one of"),
         (["run", "--epochs", "0"], "epochs"),
+        (["run", "--test-blur", "-1"], "test_blur must be >= 0"),
         (["run", "--norm", "batch"], "norm"),
         (["run", "--dataset", "mnist", "--data-dir", "/nonexistent/ffpipe", "--no-download"], "/nonexistent/ffpipe"),
         (["eval", "--checkpoint", "/nonexistent/run"], "no checkpoint"),

@@ -214,3 +214,40 @@ def test_augment_shifts_and_flips_each_image_on_its_own():
     f = data.augment(x, 0, True, gen)
     mirrored = [torch.equal(b, a.flip(2)) for a, b in zip(x, f)]
     assert all(m or torch.equal(b, a) for m, a, b in zip(mirrored, x, f)) and 10 < sum(mirrored) < 54
+
+
+def _noise_images(n: int, size: int = 48, seed: int = 0) -> torch.Tensor:
+    """Uniform noise: a flat power spectrum, so a blur shows at every frequency. (N, 1, H, W) uint8"""
+    return torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_blur_is_a_gaussian_of_the_given_sigma_and_zero_is_no_blur():
+    x = _noise_images(4)
+    assert data.blur(x, 0) is x
+    y = data.blur(x, 2.0)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert y.float().std() < x.float().std() / 3  # noise averaged away
+    impulse = torch.zeros(1, 1, 31, 31)  # float, so that rounding does not cut the kernel's tails
+    impulse[0, 0, 15, 15] = 1.0
+    spread = data.blur(impulse, 2.0)[0, 0].double()
+    rows = torch.arange(31, dtype=torch.float64) - 15
+    var = (spread.sum(1) * rows**2).sum() / spread.sum()  # the kernel's variance along one axis: sigma^2
+    assert var.sqrt().item() == pytest.approx(2.0, abs=0.15)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 3.0])
+def test_blur_sigma_recovers_a_known_blur_from_the_images_alone(sigma):
+    sharp, other = _noise_images(300, seed=1), _noise_images(300, seed=2)  # different images, same statistics
+    assert data.blur_sigma(data.blur(sharp, sigma), other) == pytest.approx(sigma, rel=0.12)
+    assert data.blur_sigma(other, data.blur(sharp, sigma)) == 0.0  # the sharper set is not "blurred"
+    assert data.blur_sigma(sharp, other) < 0.2
+
+
+def test_blur_test_blurs_the_test_images_only():
+    d = data.Data("toy", data.Split(_noise_images(8, 16), torch.zeros(8, dtype=torch.int64)),
+                  data.Split(_noise_images(6, 16, seed=3), torch.ones(6, dtype=torch.int64)),
+                  data.Split(_noise_images(4, 16, seed=4), torch.zeros(4, dtype=torch.int64)), ["a", "b"], "here")
+    assert data.blur_test(d, 0) is d
+    b = data.blur_test(d, 1.5)
+    assert b.train is d.train and b.val is d.val and torch.equal(b.test.y, d.test.y)
+    assert torch.equal(b.test.x, data.blur(d.test.x, 1.5)) and not torch.equal(b.test.x, d.test.x)
