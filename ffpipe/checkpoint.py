@@ -73,6 +73,53 @@ def save(path: Path, payload: dict) -> None:
     _fsync_dir(path.parent)
 
 
+def snapshot(obj):
+    """A copy of a payload that later in-place updates cannot reach: every tensor cloned, containers rebuilt.
+    What a caller hands `BackgroundWriter` while it goes on training the very tensors it saves."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """`save` in a thread of its own, one checkpoint at a time, so that a training loop does not wait for the
+    digest, the serialization and the fsync. `submit` waits for the previous write first; a write that failed
+    is raised by the next `submit` or `wait`. The caller learns that a file is durable through `on_done`."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, path: Path, payload: dict, on_done=None) -> None:
+        """Write `payload` (a `snapshot`: nothing may change it from now on) to `path`; then call on_done()."""
+        self.wait()
+
+        def write():
+            try:
+                save(path, payload)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+                return
+            if on_done is not None:
+                on_done()
+
+        self._thread = threading.Thread(target=write, name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the write in flight, if any, is on disk; raises its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def _fsync_dir(folder: Path) -> None:
     """Best effort: not every OS or file system lets a folder be opened and fsynced."""
     try:

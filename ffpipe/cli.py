@@ -107,7 +107,7 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder (its config; flags such as --epochs still override).", rich_help_panel=_PANEL_RUN)] = None,
     restart: Annotated[str, typer.Option(help="Pipeline: no, or on-failure (a role that dies is started again from its checkpoint and the source resends what was lost).", envvar="FFPIPE_RESTART", rich_help_panel=_PANEL_PIPE)] = "no",
     max_restarts: Annotated[int, typer.Option(help="With --restart on-failure: restarts allowed per role.", rich_help_panel=_PANEL_PIPE)] = 3,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Pipeline: train batches between a layer's checkpoints (a crash loses and replays at most this many).", rich_help_panel=_PANEL_PIPE)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Pipeline: train batches between a layer's checkpoints (a crash loses and replays at most this many, and the few trained while one was written).", rich_help_panel=_PANEL_PIPE)] = None,
     retransmit_after: Annotated[Optional[float], typer.Option(help="Pipeline: seconds without progress after which the source resends what the sink has not confirmed.", rich_help_panel=_PANEL_PIPE)] = None,
     resume_role: Annotated[bool, typer.Option("--resume-role", hidden=True, help="Set by the launcher: this role continues from its checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=_PANEL_RUN)] = False,

@@ -33,7 +33,7 @@ import zmq
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
-from ffpipe.model import label_value, prepare_inputs
+from ffpipe.model import prepare_inputs
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError
 
@@ -131,13 +131,10 @@ class Source:
         cfg, c = self.cfg, self.data.num_classes
         labels = self.data.train.y[s.idx]
         x = self._inputs(self.data.train.x[s.idx] if s.images is None else s.images)
-        value = label_value(x, cfg.label_value)
-        if cfg.competitive:  # the layers see the plain inputs and learn from the labels; no negatives
-            tensors = {"x_pos": x, "y": labels, "idx": s.idx}
-        else:
-            tensors = {"x_pos": ff.overlay(x, labels, c, value), "x_neg": ff.overlay(x, s.neg, c, value), "y": labels, "idx": s.idx}
+        tensors = {"x": x, "y": labels, "idx": s.idx}  # each image once: layer 0 writes the labels in
+        if not cfg.competitive:  # the competitive loss learns from the labels alone, with no negatives
+            tensors["neg"] = s.neg
         if cfg.uses_readout:
-            tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(s.idx), 0)
         return Message("train", s.seq, s.epoch, {"total": self.total, "classes": c, "batch": s.batch, "shape": self.shape}, tensors)
 
@@ -159,12 +156,8 @@ class Source:
         split, name = self.eval_split
         i = s.part * EVAL_BATCH
         images, labels = split.x[i : i + EVAL_BATCH], split.y[i : i + EVAL_BATCH]
-        x = self._inputs(images)
-        value = label_value(x, cfg.label_value)
-        x_all = x if cfg.competitive else ff.overlay_all_labels(x, c, value)  # competitive: one pass scores every label
-        tensors = {"x_all": x_all, "goodness": torch.zeros(len(labels), c), "y": labels}
+        tensors = {"x": self._inputs(images), "goodness": torch.zeros(len(labels), c), "y": labels}  # layer 0 writes every label in
         if cfg.uses_readout:
-            tensors["x_neu"] = ff.overlay(x, None, c, value)
             tensors["feats"] = torch.empty(len(labels), 0)
         scalars = {"split": name, "round": s.epoch, "batches": self.eval_batches(), "part": s.part, "classes": c, "shape": self.shape,
                    "final": s.epoch == cfg.epochs, "after": s.epoch * self.per_epoch}

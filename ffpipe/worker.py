@@ -3,6 +3,8 @@
 Sockets: PULL, binds this layer's address (batches arrive from the source or the previous layer).
          PUSH, connects to the next layer or the sink (outputs leave at once).
 
+Layer 0 receives each image once ("x", with its labels "y" and wrong labels "neg") and writes the labels in
+itself, as the in-process trainer does; it also takes inputs with the labels already written in (x_pos, ...).
 train: one local update (the same `local_update` the in-process trainer calls), forward the detached
        outputs; with a readout, also forward the neutral-label pass and append this layer's normalized
        activity to the features the message carries. Batches are applied in order, each at most once: the
@@ -32,6 +34,7 @@ from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
 from ffpipe.layer import RESUME_OLD_LAYOUT, build_layer, local_update, make_optimizer, out_widths, plan, set_lr
 from ffpipe.metrics import PeakMemory
+from ffpipe.model import label_value
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError, parse_shape
 
@@ -92,6 +95,7 @@ class Worker:
         self.passed_stop: Message | None = None  # the stop this layer forwarded before a restart (in its checkpoint)
         self.state = "waiting"  # what the heartbeat reports: waiting (for input), working, sending (blocked downstream)
         self.replayed = 0
+        self.writer = checkpoint.BackgroundWriter()
         if resume and self.path.is_file():
             self.load()
 
@@ -166,8 +170,36 @@ class Worker:
                             f"got {x.dtype} {tuple(x.shape)}")
         return self._to(x)
 
+    def _labels(self, t: dict, name: str, rows: int, classes: int) -> torch.Tensor:
+        y = t[name]
+        if y.dtype != torch.int64 or y.shape != (rows,) or not bool(((y >= 0) & (y < classes)).all()):
+            raise WireError(f"{name} must be int64 ({rows},) in [0, {classes})")
+        return self._to(y)
+
+    def _write_labels(self, msg: Message) -> dict:
+        """What layer 0 learns from, built from the images as the source sends them, once each ("x"): the positive
+        (the true labels written in, `ff.overlay`) and the negative (the wrong labels "neg"), for the readout the
+        neutral-label pass, and for an evaluation every candidate label; the in-process trainer builds the very
+        same. The source would otherwise send two or three copies of each image, and ten of each evaluated one."""
+        cfg, t = self.cfg, dict(msg.tensors)
+        x = self._check_rows("x", t.pop("x"))
+        c = msg.scalars.get("classes")
+        if not (isinstance(c, int) and not isinstance(c, bool) and 1 < c <= MAX_CLASSES):
+            raise WireError(f"a batch must name its number of classes (2..{MAX_CLASSES}), got {c!r}")
+        value = label_value(x, cfg.label_value)
+        if msg.kind == "train" and cfg.competitive:  # no labels written in: the layers learn from them
+            t["x_pos"] = x
+        elif msg.kind == "train":
+            t["x_pos"] = ff.overlay(x, self._labels(t, "y", x.shape[0], c), c, value)
+            t["x_neg"] = ff.overlay(x, self._labels(t, "neg", x.shape[0], c), c, value)
+        else:
+            t["x_all"] = x if cfg.competitive else ff.overlay_all_labels(x, c, value)
+        if cfg.uses_readout:
+            t["x_neu"] = ff.overlay(x, None, c, value)
+        return t
+
     def on_train(self, msg: Message) -> Message:
-        t = msg.tensors
+        t = self._write_labels(msg) if self.index == 0 and "x" in msg.tensors else msg.tensors
         x_pos = self._check_rows("x_pos", t["x_pos"])
         b = x_pos.shape[0]
         competitive = self.cfg.competitive  # no negatives: the layer learns from the labels
@@ -217,16 +249,18 @@ class Worker:
         self.updates += 1
         self.applied += 1
         self.last_batch = batch
-        if batch % self.cfg.checkpoint_every == 0 or batch == total:
+        if batch == total:  # the run's last batch: durable before it goes on
             self.save()
             scalars[f"durable.{self.index}"] = self.durable
+        elif batch % self.cfg.checkpoint_every == 0:  # written while the next batches train; durable once on disk
+            self.save_in_background()
         out.update(x_pos=r.h_pos, **({} if r.h_neg is None else {"x_neg": r.h_neg}))
         scalars.update({f"loss.{self.index}": r.loss.item(), f"g_pos.{self.index}": r.g_pos.item(), f"g_neg.{self.index}": r.g_neg.item()})
         return Message("train", msg.seq, msg.epoch, scalars, out)
 
     @torch.no_grad()
     def on_eval(self, msg: Message) -> Message:
-        t = msg.tensors
+        t = self._write_labels(msg) if self.index == 0 and "x" in msg.tensors else msg.tensors
         x_all, acc = self._check_rows("x_all", t["x_all"]), t["goodness"]
         competitive = self.cfg.competitive  # one row per image, not one per (image, label)
         if acc.dtype != torch.float32 or acc.ndim != 2 or x_all.shape[0] != acc.shape[0] * (1 if competitive else acc.shape[1]):
@@ -270,18 +304,30 @@ class Worker:
             feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
         return {"x_neu": h_neu, "feats": feats}
 
+    def _payload(self, stop: Message | None = None) -> dict:
+        return {"stop": stop.scalars if stop is not None else None, "stop_seq": stop.seq if stop is not None else 0,
+                "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.in_features,
+                "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
+                "applied": self.applied, "last_batch": self.last_batch, "epoch": self.epoch}
+
     def save(self, stop: Message | None = None) -> None:
-        """The layer, its optimizer and what it applied; with `stop`, also the stop it forwards next (a restart
-        after that forwards it again instead of waiting for batches that will never come)."""
+        """The layer, its optimizer and what it applied, on disk before this returns; with `stop`, also the stop
+        it forwards next (a restart after that forwards it again instead of waiting for batches that never come)."""
+        self.writer.wait()
         if self.layer is None:
             return
-        checkpoint.save(self.out / f"layer{self.index}.pt", {
-            "stop": stop.scalars if stop is not None else None, "stop_seq": stop.seq if stop is not None else 0,
-            "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.in_features,
-            "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
-            "applied": self.applied, "last_batch": self.last_batch, "epoch": self.epoch,
-        })
+        checkpoint.save(self.path, self._payload(stop))
         self.durable = self.last_batch
+
+    def save_in_background(self) -> None:
+        """The same checkpoint of a copy of the state, written while training goes on (the digest, serialization
+        and fsync took 20-40 ms of a stage's loop every checkpoint_every batches); `durable` moves once it is on disk."""
+        batch = self.last_batch
+
+        def durable():
+            self.durable = batch
+
+        self.writer.submit(self.path, checkpoint.snapshot(self._payload()), durable)
 
     def _for_next(self, reply: Message) -> Message:
         """What goes downstream. The sink reads labels, goodness, readout features and scalars, never the
@@ -359,6 +405,10 @@ class Worker:
             transport.send(outbox, stop, self.timeout_ms)
         finally:
             beat.stop()
+            try:
+                self.writer.wait()  # a checkpoint half written when the process ends would be left as a temporary file
+            except Exception as e:  # noqa: BLE001 - the loop's own error, if any, is the one to report
+                print(f"ffpipe layer {self.index}: a background checkpoint failed: {e}", flush=True)
             inbox.close()
             outbox.close()
             links.close()

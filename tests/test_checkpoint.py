@@ -136,3 +136,33 @@ def test_save_leaves_no_temporary_file_and_replaces_the_old_checkpoint(tmp_path)
     with pytest.raises(TypeError, match="not object"):  # a value the digest cannot canonicalize: nothing written
         checkpoint.save(path, {"applied": 3, "bad": object()})
     assert [p.name for p in path.parent.iterdir()] == ["ck.pt"] and checkpoint.load(path)["applied"] == 2
+
+
+def test_a_background_write_saves_the_state_as_it_was_when_submitted(tmp_path):
+    path = tmp_path / "ck.pt"
+    payload = _payload()
+    expected = checkpoint.snapshot(payload)
+    writer, done = checkpoint.BackgroundWriter(), []
+    writer.submit(path, checkpoint.snapshot(payload), lambda: done.append(path.is_file()))
+    payload["marker"].add_(100.0)  # training goes on, in place, while the file is written
+    for state in payload["optimizer"]["state"].values():
+        state["momentum_buffer"].mul_(-1)
+    writer.wait()
+    assert done == [True]  # told only once the file was there
+    loaded = checkpoint.load(path)
+    _assert_same({k: v for k, v in loaded.items() if k not in ("format", "sha256")}, expected)
+    assert not torch.equal(loaded["marker"], payload["marker"])
+
+
+def test_a_failed_background_write_is_raised_by_the_next_call_and_reports_nothing_durable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the checkpoint's folder should be")
+    writer, done = checkpoint.BackgroundWriter(), []
+    writer.submit(blocker / "ck.pt", checkpoint.snapshot(_payload()), lambda: done.append(True))
+    with pytest.raises(OSError):
+        writer.wait()
+    assert done == []
+    writer.wait()  # the error is raised once
+    writer.submit(tmp_path / "ck.pt", checkpoint.snapshot(_payload()), lambda: done.append(True))
+    writer.wait()
+    assert done == [True] and checkpoint.load(tmp_path / "ck.pt")["applied"] == 7

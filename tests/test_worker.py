@@ -132,3 +132,42 @@ def test_only_the_last_layer_leaves_the_activations_out_for_the_sink(tmp_path):
     assert to_layer1 is msg
     assert set(to_sink.tensors) == {"feats", "y", "idx"}  # what the sink reads: readout features and labels
     assert (to_sink.kind, to_sink.seq, to_sink.scalars) == ("train", 3, msg.scalars)
+
+
+def test_layer_0_writes_the_labels_into_images_sent_once_exactly_as_into_overlaid_inputs(tmp_path):
+    from ffpipe.wire import WireError
+    from ffpipe.worker import Worker
+
+    cfg = config.preset("quick", layers=(16, 8), epochs=1, negatives="hard", out=str(tmp_path))  # hard: a readout too
+    assert cfg.uses_readout
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, 20, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+    neg = ff.random_wrong_labels(y, 10, gen)
+    scalars = {"total": 3, "classes": 10, "batch": 1}
+    common = {"y": y, "idx": torch.arange(6), "feats": torch.empty(6, 0)}
+    once = Message("train", 1, 0, scalars, {"x": x, "neg": neg, **common})
+    overlaid = Message("train", 1, 0, scalars, {"x_pos": ff.overlay(x, y, 10), "x_neg": ff.overlay(x, neg, 10),
+                                                "x_neu": ff.overlay(x, None, 10), **common})
+    a, b = Worker(cfg, 0, Topology.local(2), tmp_path / "a"), Worker(cfg, 0, Topology.local(2), tmp_path / "b")
+    out_a, out_b = a.on_train(once), b.on_train(overlaid)
+    assert set(out_a.tensors) == set(out_b.tensors) == {"x_pos", "x_neg", "x_neu", "feats", "y", "idx"}
+    for k in out_a.tensors:
+        assert torch.equal(out_a.tensors[k], out_b.tensors[k]), k
+    for k, v in a.layer.state_dict().items():
+        assert torch.equal(v, b.layer.state_dict()[k]), k
+
+    evaluation = {"split": "val", "round": 1, "batches": 1, "part": 0, "classes": 10, "final": False}
+    e_a = a.on_eval(Message("eval", 2, 1, evaluation, {"x": x, "goodness": torch.zeros(6, 10), "y": y, "feats": torch.empty(6, 0)}))
+    e_b = b.on_eval(Message("eval", 2, 1, evaluation, {"x_all": ff.overlay_all_labels(x, 10), "x_neu": ff.overlay(x, None, 10),
+                                                       "goodness": torch.zeros(6, 10), "y": y, "feats": torch.empty(6, 0)}))
+    for k in e_a.tensors:
+        assert torch.equal(e_a.tensors[k], e_b.tensors[k]), k
+
+    def train(**tensors):
+        return Message("train", 2, 0, {**scalars, "batch": 2}, {"x": x, "neg": neg, **common, **tensors})
+
+    for bad, match in [(train(neg=neg + 10), "neg must be int64"), (train(neg=neg.int()), "neg must be int64"),
+                       (train(y=y[:3]), "y must be int64"), (train(x=x.double()), "x must be a non-empty float32")]:
+        with pytest.raises(WireError, match=match):
+            a.on_train(bad)
+    assert a.applied == 1  # none of them was applied
