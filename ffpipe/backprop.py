@@ -56,13 +56,14 @@ def _pp_rank(rank: int, world: int, spec: dict, port: int, out: str) -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from ffpipe.benchrun import Clock, cpu_s, load_data, sync
+    from ffpipe.layer import set_compute
     from ffpipe.metrics import PeakMemory
 
     from ffpipe.launcher import die_with_launcher
 
     os.environ["FFPIPE_STAGE_PARENT_PID"] = str(os.getppid())
     die_with_launcher("FFPIPE_STAGE_PARENT_PID")  # never outlive the variant process (a peer would wait in gloo)
-    torch.set_num_threads(spec["threads"])
+    set_compute(spec["threads"])  # the same CPU math as the FF variants
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = spec["device"].startswith("cuda")
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if cuda else "cpu")

@@ -24,6 +24,7 @@ import torch
 
 from ffpipe import config
 from ffpipe.data import Split, batch_indices, hold_out, load
+from ffpipe.layer import set_compute
 from ffpipe.metrics import PeakMemory
 
 VARIANTS = ("ff-inprocess", "ff-pipeline", "bp-inprocess", "bp-gpipe", "bp-1f1b")
@@ -120,7 +121,7 @@ def ff_inprocess(spec: dict, out: Path, ready=None) -> dict:
     from ffpipe.data import load as load_dataset
     from ffpipe.layer import make_optimizer
 
-    torch.set_num_threads(spec["threads"])
+    set_compute(spec["threads"])
     if spec["to_accuracy"]:
         cfg = ff_config(spec, epochs=spec["max_epochs"], eval_every=1, out=str(out))
         summary = inprocess.train(cfg, load_dataset(cfg.dataset, cfg.data_dir, download=False), show_progress=False)
@@ -235,7 +236,7 @@ def bp_inprocess(spec: dict, out: Path) -> dict:
     from ffpipe import backprop
     from ffpipe.layer import make_optimizer
 
-    torch.set_num_threads(spec["threads"])
+    set_compute(spec["threads"])
     device = torch.device(spec["device"])
     data, x_all, y_all = load_data(spec, device)
     model = backprop.mlp(x_all.shape[1], spec["layers"], data.num_classes, spec["seed"]).to(device)
@@ -291,7 +292,7 @@ def wire_cost(spec: dict, out: Path) -> dict:
     from ffpipe.layer import local_update, make_layer, make_optimizer
     from ffpipe.wire import Message
 
-    torch.set_num_threads(spec["threads"])
+    set_compute(spec["threads"])
     width, bs, reps = spec["layers"][-1], spec["batch_size"], min(spec["steps"], 200)
     cfg = ff_config(spec)
     layer = make_layer(1, width, width, cfg.layer, cfg.seed)

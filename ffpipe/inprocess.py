@@ -17,7 +17,7 @@ import torch
 from ffpipe import checkpoint, ff
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
-from ffpipe.layer import RESUME_OLD_LAYOUT, local_update, make_optimizer, set_lr
+from ffpipe.layer import RESUME_OLD_LAYOUT, local_update, make_optimizer, set_compute, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import FFNet, evaluate, readout_step
 from ffpipe.progress import RunProgress
@@ -27,7 +27,7 @@ CHECKPOINT_S = 30.0  # an in-process run saves at least this often (and after ev
 
 def set_threads(threads: int) -> int:
     n = threads or os.cpu_count() or 1
-    torch.set_num_threads(n)
+    set_compute(n)
     return n
 
 

@@ -54,6 +54,17 @@ class _Contiguous(torch.autograd.Function):
         return grad.contiguous()
 
 
+def set_compute(threads: int) -> None:
+    """How a process that trains layers sets torch up: `threads` intra-op threads, and subnormal floats flushed
+    to zero on the CPU (FTZ/DAZ; CUDA is not affected). Without the flush, a convolutional layer's weights and Adam
+    state drift into subnormals over a long run and its step slows down tenfold: 1.8-2.5 s instead of 0.11-0.25 s
+    for the FER2013 net's second layer after 15 epochs, the same checkpoint stepped both ways. Only values below
+    1.2e-38 are affected. The flush holds for the calling thread, which runs every kernel at one thread (the
+    pipeline's default); torch's other intra-op threads, with `threads` > 1, keep subnormals."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
 _SPEC = re.compile(r"^(?:(\d+)|(conv|lc)(\d+)(?:k(\d+))?(?:s(\d+))?(?:p(\d+))?)$")
 
 

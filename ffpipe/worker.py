@@ -32,7 +32,7 @@ import torch
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import RESUME_OLD_LAYOUT, build_layer, local_update, make_optimizer, out_widths, plan, set_lr
+from ffpipe.layer import RESUME_OLD_LAYOUT, build_layer, local_update, make_optimizer, out_widths, plan, set_compute, set_lr
 from ffpipe.metrics import PeakMemory
 from ffpipe.model import label_value
 from ffpipe.topology import Topology
@@ -416,7 +416,7 @@ class Worker:
 
 def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu", threads: int = 1,
                resume: bool = False) -> None:
-    torch.set_num_threads(threads or 1)
+    set_compute(threads or 1)
     worker = Worker(cfg, index, topo, out, device, resume=resume)
 
     def request_stop(signum, frame):  # finish the message in hand, checkpoint, exit

@@ -258,3 +258,15 @@ def test_competitive_loss_is_cross_entropy_over_each_class_groups_goodness():
         build_layer(0, "conv4k3", (1, 4, 4), cfg, seed=0, num_classes=10)
     r = local_update(fc, make_optimizer(fc.parameters(), OptimConfig(lr=0.1)), torch.rand(4, 5), None, y)
     assert r.h_neg is None and r.h_pos.shape == (4, 6)
+
+
+def test_set_compute_pins_the_threads_and_flushes_subnormal_floats_to_zero():
+    from ffpipe.layer import set_compute
+
+    tiny = torch.tensor([1e-40])  # a subnormal float32: the kind that slowed a long conv run's steps tenfold
+    assert (tiny * 1.0).item() != 0.0
+    try:
+        set_compute(1)
+        assert torch.get_num_threads() == 1 and (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
