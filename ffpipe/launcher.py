@@ -93,12 +93,12 @@ class Launcher:
         if max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0; got {max_restarts}")
         # what a layer process would refuse at its first batch, refused here before any process starts
-        check_net(cfg.layers, data.shape, data.num_classes, cfg.competitive)
+        shapes = check_net(cfg.layers, data.shape, data.num_classes, cfg.competitive)
         self.restart, self.max_restarts = restart, max_restarts
         self.restarts: dict[str, int] = {}
         self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads
         self.keys = keys
-        self.cores = pin_plan(len(cfg.layers)) if pin else {}
+        self.cores = pin_plan([spec.macs(shape) for spec, shape, _ in shapes]) if pin else {}
         self.out = Path(cfg.out)
         self.show_progress = show_progress
         self.children: list[Child] = []
@@ -270,15 +270,19 @@ class Launcher:
         })
 
 
-def pin_plan(num_layers: int) -> dict[str, set[int]]:
-    """--pin: layer i on core i mod n of the cores this process may use; the source shares layer 0's core and
-    the sink the last layer's. Each layer then owns a core as long as there are at least as many cores as layers,
-    instead of the scheduler moving busy layers and ZeroMQ's I/O threads between cores. Linux only."""
-    if not hasattr(os, "sched_getaffinity"):
-        return {}
-    cores = sorted(os.sched_getaffinity(0))
-    plan = {f"layer{i}": {cores[i % len(cores)]} for i in range(num_layers)}
-    plan["source"], plan["sink"] = plan["layer0"], plan[f"layer{num_layers - 1}"]
+def pin_plan(costs: list[float], cores: list[int] | None = None) -> dict[str, set[int]]:
+    """--pin: layer i on core i mod n of the cores this process may use (or `cores`); the source and the sink
+    share the core whose layers cost least (`costs`, one per layer: `LayerSpec.macs`), so the busiest layer's core
+    runs nothing else. Each layer then owns a core as long as there are at least as many cores as layers, instead
+    of the scheduler moving busy layers and ZeroMQ's I/O threads between cores. Linux only."""
+    if cores is None:
+        if not hasattr(os, "sched_getaffinity"):
+            return {}
+        cores = sorted(os.sched_getaffinity(0))
+    plan = {f"layer{i}": {cores[i % len(cores)]} for i in range(len(costs))}
+    load = {core: sum(c for i, c in enumerate(costs) if i % len(cores) == k) for k, core in enumerate(cores)}
+    lightest = min(cores[: len(costs)], key=lambda core: load[core])  # a core with a layer (cores may outnumber them)
+    plan["source"] = plan["sink"] = {lightest}
     return plan
 
 

@@ -112,6 +112,13 @@ class LayerSpec:
             raise ValueError(f"layer {self}: a {in_shape[1]}x{in_shape[2]} input is too small")
         return c, h // self.pool, w // self.pool
 
+    def macs(self, in_shape: tuple[int, ...]) -> int:
+        """Multiply-adds of one image's pass through the layer: what its step costs, up to a constant factor."""
+        if not self.image:
+            return math.prod(in_shape) * self.units
+        c, h, w = self.conv_shape(in_shape)
+        return c * h * w * self.kernel**2 * in_shape[0]
+
     def __str__(self) -> str:
         if not self.image:
             return str(self.units)

@@ -15,6 +15,10 @@ def _seed_and_threads(monkeypatch, tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(1)
     monkeypatch.setenv("FFPIPE_CACHE", str(tmp_path / "cache"))
+    yield
+    # a trainer run in this process flushes subnormal floats to zero (layer.set_compute); hypothesis, in later
+    # tests, refuses to draw floats on a CPU set up that way
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture

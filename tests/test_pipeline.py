@@ -211,9 +211,9 @@ def test_pin_plan_gives_each_layer_its_own_core_while_cores_last(monkeypatch):
     from ffpipe import launcher
 
     monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: {2, 5})
-    assert launcher.pin_plan(2) == {"layer0": {2}, "layer1": {5}, "source": {2}, "sink": {5}}
-    plan = launcher.pin_plan(4)
-    assert [plan[f"layer{i}"] for i in range(4)] == [{2}, {5}, {2}, {5}] and plan["sink"] == {5}
+    assert launcher.pin_plan([1, 1]) == {"layer0": {2}, "layer1": {5}, "source": {2}, "sink": {2}}  # a tie: the first
+    plan = launcher.pin_plan([1, 1, 1, 1])
+    assert [plan[f"layer{i}"] for i in range(4)] == [{2}, {5}, {2}, {5}] and plan["sink"] == {2}
 
 
 def test_a_pinned_pipeline_runs_each_layer_on_its_core(tmp_path, monkeypatch):
@@ -232,7 +232,9 @@ def test_a_pinned_pipeline_runs_each_layer_on_its_core(tmp_path, monkeypatch):
     _cli("run", *SMALL, "--layers", "16,16", "--epochs", "1", "--pin", "--out", out)
     cores = sorted(os.sched_getaffinity(0))
     assert seen[("layer", 0)] == {cores[0]} and seen[("layer", 1)] == {cores[1 % len(cores)]}
-    assert seen[("source", None)] == {cores[0]} and _summary(out)["accounting"]["complete"]
+    # layer 1 (16 x 16 multiply-adds per image) costs less than layer 0 (64 x 16): the source and sink share its core
+    assert seen[("source", None)] == seen[("sink", None)] == {cores[1 % len(cores)]}
+    assert _summary(out)["accounting"]["complete"]
 
 
 def test_a_run_tuned_on_a_hold_out_meets_the_test_set_once_at_the_end(tmp_path):
@@ -241,3 +243,17 @@ def test_a_run_tuned_on_a_hold_out_meets_the_test_set_once_at_the_end(tmp_path):
     assert [h["split"] for h in s["history"]] == ["val"] and s["val_accuracy"] == s["history"][-1]["accuracy"]
     line = json.loads(_cli("eval", "--checkpoint", tmp_path).stdout.strip().splitlines()[-1])
     assert line["split"] == "test" and s["test_accuracy"] == pytest.approx(line["accuracy"])
+
+
+def test_pinning_gives_the_source_and_sink_the_core_whose_layers_cost_least():
+    from ffpipe.launcher import pin_plan
+    from ffpipe.layer import LayerSpec, plan
+
+    costs = [spec.macs(shape) for spec, shape, _ in plan((1000, 1000), (1, 28, 28))]
+    assert costs == [784 * 1000, 1000 * 1000]
+    assert LayerSpec.parse("conv8k3").macs((3, 32, 32)) == 8 * 32 * 32 * 9 * 3
+    p = pin_plan(costs, cores=[4, 7])
+    assert p == {"layer0": {4}, "layer1": {7}, "source": {4}, "sink": {4}}  # layer 1 has its core to itself
+    p = pin_plan([5, 1, 1, 1], cores=[0, 1])  # layers 0, 2 on core 0 (6), layers 1, 3 on core 1 (2)
+    assert p["layer2"] == {0} and p["layer3"] == {1} and p["source"] == p["sink"] == {1}
+    assert pin_plan([3, 1], cores=[0, 1, 2, 3])["sink"] == {1}  # a core without a layer is not chosen

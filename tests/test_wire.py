@@ -138,6 +138,15 @@ def test_a_single_non_finite_value_anywhere_is_refused(dtype):
                     decode([bytes(f) for f in encode(Message("train", tensors={"x": t}))])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])  # float16's is summed in float32
+def test_finite_values_whose_sum_overflows_are_accepted(dtype):
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)  # every value finite, their sum is not
+    assert not torch.isfinite(big.sum(dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+    assert torch.equal(decode([bytes(f) for f in encode(Message("train", tensors={"x": big}))]).tensors["x"], big)
+    mixed = torch.cat([big[:8], -big[:8]])  # +max and -max: an overflowing partial sum either way
+    assert torch.equal(decode([bytes(f) for f in encode(Message("train", tensors={"x": mixed}))]).tensors["x"], mixed)
+
+
 # ---- fuzzing: whatever arrives, decode returns a consistent Message or raises WireError, nothing else
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True)  # derandomized: CI sees the same examples
