@@ -85,7 +85,9 @@ def run(
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay of every FF layer's optimizer.", rich_help_panel=_PANEL_TRAIN)] = None,
     negatives: Annotated[Optional[str], typer.Option(help="hard (sampled from the network's belief) or random wrong labels.", rich_help_panel=_PANEL_TRAIN)] = None,
     schedule: Annotated[Optional[str], typer.Option(help="joint (every layer on every batch) or greedy (layer after layer).", rich_help_panel=_PANEL_TRAIN)] = None,
-    predict: Annotated[Optional[str], typer.Option(help="goodness (per-label goodness) or readout (neutral pass + linear readout).", rich_help_panel=_PANEL_TRAIN)] = None,
+    predict: Annotated[Optional[str], typer.Option(help="goodness (per-label goodness) or readout (a linear readout of the layers' activities: after a neutral-label pass, or the competitive loss's own).", rich_help_panel=_PANEL_TRAIN)] = None,
+    readout_optimizer: Annotated[Optional[str], typer.Option(help="Optimizer of the linear readout: sgd or adam.", rich_help_panel=_PANEL_TRAIN)] = None,
+    readout_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the linear readout.", rich_help_panel=_PANEL_TRAIN)] = None,
     skip_first: Annotated[Optional[bool], typer.Option("--skip-first/--no-skip-first", help="Leave the first layer out of the goodness sum.", rich_help_panel=_PANEL_TRAIN)] = None,
     score_last: Annotated[Optional[bool], typer.Option("--score-last/--score-all", help="Score labels with the last layer's goodness only (else the sum over layers).", rich_help_panel=_PANEL_TRAIN)] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N epochs (0 = only at the end).", rich_help_panel=_PANEL_TRAIN)] = None,
@@ -124,6 +126,7 @@ def run(
     nested = dict(
         layer=dict(norm=norm, goodness=goodness, threshold=threshold, loss=loss, peer_norm=peer_norm),
         optim=dict(lr=lr, name=optimizer, schedule=lr_schedule, weight_decay=weight_decay),
+        readout_optim=dict(lr=readout_lr, name=readout_optimizer),
     )
     try:
         if restart not in ("no", "on-failure"):

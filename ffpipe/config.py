@@ -97,7 +97,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     readout_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, weight_decay=3e-3))
     # prediction
-    predict: str = "goodness"  # "goodness": argmax of per-label goodness; "readout": one neutral pass + linear
+    predict: str = "goodness"  # "goodness": argmax of per-label goodness; "readout": a linear readout of the layers'
+    #                            normalized activities (after a neutral-label pass; the competitive loss's own pass)
     skip_first: bool = True  # leave the first hidden layer out of the goodness sum (Hinton does)
     score_last: bool = False  # only the last layer's goodness scores the labels (overrides skip_first)
     # machinery
@@ -137,8 +138,6 @@ class RunConfig:
         _positive("log_every", self.log_every)
         _positive("checkpoint_every", self.checkpoint_every)
         _positive("retransmit_s", self.retransmit_s)
-        if self.competitive and self.predict == "readout":
-            raise ValueError("the competitive loss predicts from its class goodness: use --predict goodness with it")
         if self.schedule == "greedy" and self.uses_readout:
             raise ValueError("the greedy schedule trains no readout: use --negatives random and --predict goodness with it")
         try:
@@ -167,9 +166,14 @@ class RunConfig:
         return self.layer.loss == "competitive"
 
     @property
+    def hard_negatives(self) -> bool:
+        """Wrong labels drawn from the readout's belief (the competitive loss has no negatives to draw)."""
+        return self.negatives == "hard" and not self.competitive
+
+    @property
     def uses_readout(self) -> bool:
         """The linear readout is trained when it predicts or when it chooses the hard negatives."""
-        return self.predict == "readout" or (self.negatives == "hard" and not self.competitive)
+        return self.predict == "readout" or self.hard_negatives
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -49,7 +49,7 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
     y = labels.to(x.device)
     value = net.label_value(x)
     logits = None
-    if cfg.uses_readout and only_layer is None:
+    if cfg.uses_readout and only_layer is None and not cfg.competitive:
         with torch.no_grad():
             acts = net.activities(ff.overlay(x, None, c, value))
         logits = readout_step(net, ro_opt, net.readout_features(acts), y)
@@ -75,6 +75,10 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
         if only_layer is not None:
             break
         x_pos, x_neg = r.h_pos, r.h_neg
+    if cfg.competitive and cfg.uses_readout and only_layer is None:
+        # the competitive loss's pass is the readout's: each layer's outputs before its update, as a pipeline
+        # stage appends them (no second pass); the readout trains on them after the layers, which changes nothing
+        readout_step(net, ro_opt, net.readout_features([r.h_pos for r in results]), y)
     return results
 
 
@@ -177,6 +181,7 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
                     progress.log(
                         f"epoch {epoch + 1:>4}/{cfg.epochs}  {eval_name} accuracy {record['accuracy']:.4f}"
                         + (f" (readout {record['readout_accuracy']:.4f})" if "readout_accuracy" in record else "")
+                        + (f" (goodness {record['goodness_accuracy']:.4f})" if "goodness_accuracy" in record else "")
                         + f"  train {train_s:,.0f}s  {samples_done / max(train_s, 1e-9):,.0f} samples/s"
                     )
                 # after an evaluation, at the end and at least every CHECKPOINT_S: the seed recipe's epochs are one
@@ -224,5 +229,7 @@ def _evaluate(net: FFNet, split, epoch: int, train_s: float, wall0: float) -> di
     record = {"epoch": epoch, "accuracy": evaluate(net, split.x, split.y)["accuracy"]}
     if net.cfg.uses_readout and net.cfg.predict != "readout":
         record["readout_accuracy"] = evaluate(net, split.x, split.y, mode="readout")["accuracy"]
+    elif net.cfg.competitive:  # one pass: its class goodness, beside the readout that predicts
+        record["goodness_accuracy"] = evaluate(net, split.x, split.y, mode="goodness")["accuracy"]
     record.update(train_s=round(train_s, 2), eval_s=round(time.perf_counter() - t0, 2), wall_s=round(time.perf_counter() - wall0, 2))
     return record

@@ -79,8 +79,9 @@ class FFNet(nn.Module):
 
     @torch.no_grad()
     def neutral_logits(self, x: torch.Tensor, value: float) -> torch.Tensor:
-        """One pass with the neutral label, then the linear readout. (B, D) -> (B, C)"""
-        acts = self.activities(ff.overlay(x, None, self.num_classes, value))
+        """One pass with the neutral label, then the linear readout. (B, D) -> (B, C)
+        The competitive loss writes no label in: its one pass is the plain images'."""
+        acts = self.activities(x if self.cfg.competitive else ff.overlay(x, None, self.num_classes, value))
         return self.readout(self.readout_features(acts))
 
     @torch.no_grad()

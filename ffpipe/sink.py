@@ -243,6 +243,8 @@ class Sink:
         record = {"epoch": int(s["round"]), "accuracy": accuracy, "split": s["split"], "wall_s": round(elapsed, 2), "samples": r["n"]}
         if self.cfg.uses_readout and self.cfg.predict != "readout":
             record["readout_accuracy"] = readout_acc
+        elif self.cfg.competitive:  # its class goodness, beside the readout that predicts
+            record["goodness_accuracy"] = goodness_acc
         self.history.append(record)
         metrics.write({"kind": "eval", **record})
         if s["split"] == "test":
@@ -251,6 +253,7 @@ class Sink:
                     self.time_to[str(target)] = round(elapsed, 2)
         progress.log(f"epoch {record['epoch']:>4}/{self.cfg.epochs}  {s['split']} accuracy {accuracy:.4f}"
                      + (f" (readout {readout_acc:.4f})" if "readout_accuracy" in record else "")
+                     + (f" (goodness {goodness_acc:.4f})" if "goodness_accuracy" in record else "")
                      + f"  wall {elapsed:,.0f}s")
 
     def _reject(self, reason: str) -> None:
@@ -302,7 +305,7 @@ class Sink:
     def _take(self, msg: Message, metrics: MetricsWriter, control: zmq.Socket, progress: RunProgress) -> None:
         """The next message of the stream: train or evaluate, then save and confirm what became durable."""
         if msg.kind == "train":
-            self.on_train(msg, metrics, control if self.cfg.negatives == "hard" else None, progress)
+            self.on_train(msg, metrics, control if self.cfg.hard_negatives else None, progress)
             self.last_batch = msg.scalars["batch"]
             self.expected += 1
             durable = [msg.scalars.get(f"durable.{i}") for i in range(len(self.cfg.layers))]

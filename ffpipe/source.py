@@ -106,7 +106,7 @@ class Source:
 
     def _negatives(self, idx: torch.Tensor) -> torch.Tensor:
         labels = self.data.train.y[idx]
-        if self.cfg.negatives == "hard" and self.cfg.uses_readout:
+        if self.cfg.hard_negatives:
             return ff.hard_wrong_labels(self.beliefs[idx], labels, self.gen)
         return ff.random_wrong_labels(labels, self.data.num_classes, self.gen)
 

@@ -7,7 +7,7 @@ Layer 0 receives each image once ("x", with its labels "y" and wrong labels "neg
 itself, as the in-process trainer does; it also takes inputs with the labels already written in (x_pos, ...).
 train: one local update (the same `local_update` the in-process trainer calls), forward the detached
        outputs; with a readout, also forward the neutral-label pass and append this layer's normalized
-       activity to the features the message carries. Batches are applied in order, each at most once: the
+       activity to the features the message carries (the competitive loss: the outputs it just forwarded). Batches are applied in order, each at most once: the
        next batch number is applied; one already applied (the source resending) is only forwarded; one past
        a gap (batches lost with a crashed peer) is dropped and a small `gap` notice goes on to the sink,
        which asks the source to resend. Every `checkpoint_every` batches the layer checkpoints and
@@ -194,7 +194,7 @@ class Worker:
             t["x_neg"] = ff.overlay(x, self._labels(t, "neg", x.shape[0], c), c, value)
         else:
             t["x_all"] = x if cfg.competitive else ff.overlay_all_labels(x, c, value)
-        if cfg.uses_readout:
+        if cfg.uses_readout and not cfg.competitive:  # the competitive loss's own pass is the readout's
             t["x_neu"] = ff.overlay(x, None, c, value)
         return t
 
@@ -234,6 +234,8 @@ class Worker:
             out.update(x_pos=h[:b], **({} if x_neg is None else {"x_neg": h[b:]}))
             if "x_neu" in t:
                 out.update(self._neutral(layer, t, b))
+            elif competitive and "feats" in t:
+                out["feats"] = self._features(t, h[:b], b)
             return Message("train", msg.seq, msg.epoch, scalars, out)
         if msg.epoch != self.epoch:
             self.epoch = msg.epoch
@@ -255,6 +257,8 @@ class Worker:
         elif batch % self.cfg.checkpoint_every == 0:  # written while the next batches train; durable once on disk
             self.save_in_background()
         out.update(x_pos=r.h_pos, **({} if r.h_neg is None else {"x_neg": r.h_neg}))
+        if competitive and "feats" in t:  # outputs before the update, as the in-process trainer's readout reads them
+            out["feats"] = self._features(t, r.h_pos, b)
         scalars.update({f"loss.{self.index}": r.loss.item(), f"g_pos.{self.index}": r.g_pos.item(), f"g_neg.{self.index}": r.g_neg.item()})
         return Message("train", msg.seq, msg.epoch, scalars, out)
 
@@ -287,6 +291,8 @@ class Worker:
         out = {"x_all": h, "goodness": acc, "y": t["y"]}
         if "x_neu" in t:
             out.update(self._neutral(layer, t, b))
+        elif competitive and "feats" in t:
+            out["feats"] = self._features(t, h, b)
         return Message("eval", msg.seq, msg.epoch, _upstream_scalars(msg.scalars, "eval", self.index, ()), out)
 
     @torch.no_grad()
@@ -296,13 +302,17 @@ class Worker:
         if x_neu.shape[1] != layer.in_features:
             raise WireError(f"x_neu of width {x_neu.shape[1]}, layer {self.index} takes {layer.in_features}")
         h_neu = layer(x_neu)
+        return {"x_neu": h_neu, "feats": self._features(t, h_neu, rows)}
+
+    def _features(self, t: dict, h: torch.Tensor, rows: int) -> torch.Tensor:
+        """The readout's features so far, with this layer's normalized outputs `h` appended if the readout reads it."""
         feats = t["feats"]
         if feats.dtype != torch.float32 or feats.ndim != 2 or feats.shape[0] != rows:
             raise WireError(f"feats must be float32 ({rows}, F); got {feats.dtype} {tuple(feats.shape)}")
         feats = self._to(feats)
         if self.index >= self.cfg.first_readout:
-            feats = torch.cat([feats, ff.normalize(h_neu, self.cfg.layer.norm)], dim=1)
-        return {"x_neu": h_neu, "feats": feats}
+            feats = torch.cat([feats, ff.normalize(h, self.cfg.layer.norm)], dim=1)
+        return feats
 
     def _payload(self, stop: Message | None = None) -> dict:
         return {"stop": stop.scalars if stop is not None else None, "stop_seq": stop.seq if stop is not None else 0,

@@ -50,7 +50,10 @@ def test_pipeline_applies_the_same_updates_as_in_process(tmp_path):
     ["--layers", "conv4k3,lc4k3s2,16", "--negatives", "random", "--predict", "readout", "--no-skip-first"],
     # competitive loss: no overlay, no negatives, one evaluation pass scores every label
     ["--layers", "conv10k3,lc10k3s2,20", "--loss", "competitive", "--optimizer", "adam", "--lr", "0.003"],
-], ids=["overlay", "competitive"])
+    # competitive with the readout predicting: the features are each stage's own outputs, no second pass
+    ["--layers", "conv10k3,lc10k3s2,20", "--loss", "competitive", "--optimizer", "adam", "--lr", "0.003",
+     "--predict", "readout", "--readout-optimizer", "adam", "--readout-lr", "0.01", "--eval-every", "1"],
+], ids=["overlay", "competitive", "competitive-readout"])
 def test_image_layers_run_as_pipeline_stages_with_the_same_updates(tmp_path, flags):
     # conv and locally connected stages size themselves from the input shape the source sends
     common = [*SMALL, *flags, "--epochs", "1", "--seed", "5", "--shift", "1"]
@@ -61,7 +64,12 @@ def test_image_layers_run_as_pipeline_stages_with_the_same_updates(tmp_path, fla
     assert ("layers.0.label" in pipe) == ("competitive" not in flags)  # competitive nets overlay no label
     for key in pipe:
         assert_close(pipe[key], inproc[key], msg=key)
-    assert _summary(tmp_path / "pipe")["test_accuracy"] == pytest.approx(_summary(tmp_path / "inproc")["test_accuracy"])
+    s, r = _summary(tmp_path / "pipe"), _summary(tmp_path / "inproc")
+    assert s["test_accuracy"] == pytest.approx(r["test_accuracy"])
+    if "--readout-lr" in flags:
+        assert pipe["readout.weight"].abs().sum() > 0  # trained, not the zeros it starts from
+        for a, b in zip(s["history"], r["history"], strict=True):  # both report the class goodness beside the readout
+            assert a["goodness_accuracy"] == pytest.approx(b["goodness_accuracy"]) and a["accuracy"] == pytest.approx(b["accuracy"])
 
 
 def test_every_batch_is_accounted_for_and_run_files_are_written(tmp_path):
