@@ -33,6 +33,16 @@ def test_overrides_win_and_none_means_not_given():
     assert c.layer.norm == "l2" and c.layer.threshold == 1.0 and c.optim.lr == 0.5
 
 
+def test_the_readout_trains_for_hard_negatives_or_when_it_predicts():
+    comp = LayerConfig(loss="competitive")
+    assert RunConfig().uses_readout and RunConfig().hard_negatives  # the default: hard negatives from the readout
+    assert not RunConfig(layer=comp).uses_readout  # the competitive loss draws no negatives
+    c = RunConfig(layer=comp, predict="readout", readout_optim=OptimConfig(name="adam", lr=1e-3))
+    assert c.uses_readout and not c.hard_negatives and RunConfig.from_json(c.to_json()) == c
+    c = config.override_nested(RunConfig(), readout_optim=dict(name="adam", lr=None))
+    assert c.readout_optim.name == "adam" and c.readout_optim.lr == 1e-2
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(dataset="imagenet"), "dataset"), (dict(epochs=0), "epochs"), (dict(layers=()), "layers"),
