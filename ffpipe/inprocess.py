@@ -229,7 +229,7 @@ def _evaluate(net: FFNet, split, epoch: int, train_s: float, wall0: float) -> di
     record = {"epoch": epoch, "accuracy": evaluate(net, split.x, split.y)["accuracy"]}
     if net.cfg.uses_readout and net.cfg.predict != "readout":
         record["readout_accuracy"] = evaluate(net, split.x, split.y, mode="readout")["accuracy"]
-    elif net.cfg.competitive:  # one pass: its class goodness, beside the readout that predicts
+    elif net.cfg.competitive and net.cfg.predict == "readout":  # one pass: its class goodness, beside the readout
         record["goodness_accuracy"] = evaluate(net, split.x, split.y, mode="goodness")["accuracy"]
     record.update(train_s=round(train_s, 2), eval_s=round(time.perf_counter() - t0, 2), wall_s=round(time.perf_counter() - wall0, 2))
     return record

@@ -243,7 +243,7 @@ class Sink:
         record = {"epoch": int(s["round"]), "accuracy": accuracy, "split": s["split"], "wall_s": round(elapsed, 2), "samples": r["n"]}
         if self.cfg.uses_readout and self.cfg.predict != "readout":
             record["readout_accuracy"] = readout_acc
-        elif self.cfg.competitive:  # its class goodness, beside the readout that predicts
+        elif self.cfg.competitive and self.cfg.predict == "readout":  # its class goodness, beside the readout
             record["goodness_accuracy"] = goodness_acc
         self.history.append(record)
         metrics.write({"kind": "eval", **record})

@@ -66,6 +66,7 @@ def test_image_layers_run_as_pipeline_stages_with_the_same_updates(tmp_path, fla
         assert_close(pipe[key], inproc[key], msg=key)
     s, r = _summary(tmp_path / "pipe"), _summary(tmp_path / "inproc")
     assert s["test_accuracy"] == pytest.approx(r["test_accuracy"])
+    assert all(("goodness_accuracy" in h) == ("--readout-lr" in flags) for h in s["history"] + r["history"])
     if "--readout-lr" in flags:
         assert pipe["readout.weight"].abs().sum() > 0  # trained, not the zeros it starts from
         for a, b in zip(s["history"], r["history"], strict=True):  # both report the class goodness beside the readout
