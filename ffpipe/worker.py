@@ -7,8 +7,8 @@ Layer 0 receives each image once ("x", with its labels "y" and wrong labels "neg
 itself, as the in-process trainer does; it also takes inputs with the labels already written in (x_pos, ...).
 train: one local update (the same `local_update` the in-process trainer calls), forward the detached
        outputs; with a readout, also forward the neutral-label pass and append this layer's normalized
-       activity to the features the message carries (the competitive loss: the outputs it just forwarded). Batches are applied in order, each at most once: the
-       next batch number is applied; one already applied (the source resending) is only forwarded; one past
+       activity to the features the message carries (the competitive loss: the outputs it just forwarded).
+       Batches are applied in order, each at most once: the next batch number is applied; one already applied (the source resending) is only forwarded; one past
        a gap (batches lost with a crashed peer) is dropped and a small `gap` notice goes on to the sink,
        which asks the source to resend. Every `checkpoint_every` batches the layer checkpoints and
        reports the batch it holds durably in the scalars it forwards.
@@ -232,10 +232,7 @@ class Worker:
                 h = layer(x_pos if x_neg is None else torch.cat([x_pos, x_neg]))
             out = {k: t[k] for k in ("y", "idx")}
             out.update(x_pos=h[:b], **({} if x_neg is None else {"x_neg": h[b:]}))
-            if "x_neu" in t:
-                out.update(self._neutral(layer, t, b))
-            elif competitive and "feats" in t:
-                out["feats"] = self._features(t, h[:b], b)
+            out.update(self._readout(layer, t, h[:b], b))
             return Message("train", msg.seq, msg.epoch, scalars, out)
         if msg.epoch != self.epoch:
             self.epoch = msg.epoch
@@ -288,12 +285,17 @@ class Worker:
                 acc = acc + layer.class_goodness(h).cpu()
             else:
                 acc = acc + layer.goodness(h).view(b, c).cpu()
-        out = {"x_all": h, "goodness": acc, "y": t["y"]}
-        if "x_neu" in t:
-            out.update(self._neutral(layer, t, b))
-        elif competitive and "feats" in t:
-            out["feats"] = self._features(t, h, b)
+        out = {"x_all": h, "goodness": acc, "y": t["y"], **self._readout(layer, t, h, b)}
         return Message("eval", msg.seq, msg.epoch, _upstream_scalars(msg.scalars, "eval", self.index, ()), out)
+
+    def _readout(self, layer: torch.nn.Module, t: dict, h: torch.Tensor, rows: int) -> dict:
+        """What the readout takes from this layer: the neutral-label pass and its features, or with the competitive
+        loss the features of `h`, the outputs this layer computed for the message; nothing without a readout."""
+        if "x_neu" in t:
+            return self._neutral(layer, t, rows)
+        if self.cfg.competitive and "feats" in t:
+            return {"feats": self._features(t, h, rows)}
+        return {}
 
     @torch.no_grad()
     def _neutral(self, layer: torch.nn.Module, t: dict, rows: int) -> dict:
