@@ -285,12 +285,14 @@ def bp_pipelined(spec: dict, out: Path) -> dict:
 def wire_cost(spec: dict, out: Path) -> dict:
     """What the wire adds to one pipeline stage, against that stage's compute, in one process and thread:
     encode + send + receive + decode of a train message (positives and negatives of one batch at the layer's
-    width) over a loopback ZeroMQ PUSH/PULL link, against `local_update` of a width x width layer on it."""
+    width) over a loopback ZeroMQ PUSH/PULL link, received and checked as a layer worker does (the update's
+    inputs are checked for NaN by its loss, in `local_update`), against `local_update` of a width x width layer on it."""
     import zmq
 
     from ffpipe import transport
     from ffpipe.layer import local_update, make_layer, make_optimizer
-    from ffpipe.wire import Message
+    from ffpipe.wire import Message, check_finite
+    from ffpipe.worker import UPDATE_INPUTS
 
     set_compute(spec["threads"])
     width, bs, reps = spec["layers"][-1], spec["batch_size"], min(spec["steps"], 200)
@@ -307,8 +309,9 @@ def wire_cost(spec: dict, out: Path) -> dict:
     try:
         def wire_once():
             transport.send(outbox, msg, 10_000)
-            got = transport.recv(inbox, 10_000)
+            got = transport.recv(inbox, 10_000, check_finite=False)
             assert got is not None and got.tensors["x_pos"].shape == (bs, width)
+            check_finite(got.tensors, UPDATE_INPUTS)
 
         def compute_once():
             local_update(layer, opt, x_pos, x_neg)

@@ -17,7 +17,7 @@ import torch
 from ffpipe import checkpoint, ff
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
-from ffpipe.layer import RESUME_OLD_LAYOUT, local_update, make_optimizer, set_compute, set_lr
+from ffpipe.layer import RESUME_OLD_LAYOUT, NonFiniteLoss, local_update, make_optimizer, set_compute, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import FFNet, evaluate, readout_step
 from ffpipe.progress import RunProgress
@@ -68,7 +68,10 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
                 x_pos, x_neg = layer(x_pos), (None if x_neg is None else layer(x_neg))
             continue
         t0 = time.perf_counter()
-        r = local_update(layer, opt, x_pos, x_neg, y)
+        try:
+            r = local_update(layer, opt, x_pos, x_neg, y)
+        except NonFiniteLoss as e:  # diverged (or NaN in the data): stop with the last checkpoint as it was
+            raise NonFiniteLoss(f"layer {i}: {e} (a lower --lr may help)") from None
         if layer_s is not None:
             layer_s[i] += time.perf_counter() - t0
         results.append(r)

@@ -169,6 +169,14 @@ RESUME_OLD_LAYOUT = ("written by an earlier ffpipe whose locally connected layer
                      "start a fresh run")
 
 
+class NonFiniteLoss(ValueError):
+    """A layer's loss on a batch is NaN or infinite; nothing was changed. A NaN or an Inf anywhere in a batch's
+    inputs reaches the loss (normalizing spreads a NaN over its whole row and turns an Inf into a NaN; products,
+    sums, ReLU and max pooling pass NaN on), so this check, on one number, stands in for a pass over the inputs.
+    The one exception: an Inf at a pixel no unit of an image layer reads (where a stride steps past the edge)
+    leaves that image's row all zeros."""
+
+
 class _FFBase(nn.Module):
     """What every FF layer shares: goodness, threshold and the local objective over its flat outputs."""
 
@@ -223,6 +231,8 @@ class _FFBase(nn.Module):
                 loss = ff.symba_loss(g_pos, g_neg, self.cfg.symba_alpha)
             else:
                 loss = ff.threshold_loss(g_pos, g_neg, self.threshold)
+        if not torch.isfinite(loss):  # before anything changes: the batch is refused as it came
+            raise NonFiniteLoss("the loss is not finite: the batch holds NaN or Inf, or the layer has diverged")
         if self.cfg.peer_norm > 0:
             m = self.cfg.peer_momentum
             running = self.running_mean.detach() * m + h_pos.mean(dim=0) * (1 - m)  # (H,), grad through this batch

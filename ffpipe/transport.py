@@ -167,13 +167,14 @@ def send_nowait(sock: zmq.Socket, msg: Message) -> None:
     send(sock, msg, timeout_ms=0)
 
 
-def recv(sock: zmq.Socket, timeout_ms: int | None = None) -> Message | None:
-    """One message, or None when nothing arrived within timeout_ms. A malformed message raises WireError."""
+def recv(sock: zmq.Socket, timeout_ms: int | None = None, check_finite: bool = True) -> Message | None:
+    """One message, or None when nothing arrived within timeout_ms. A malformed message raises WireError.
+    check_finite=False leaves NaN and Inf to the caller (`wire.check_finite`)."""
     if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
         return None
     frames = sock.recv_multipart(copy=False)
     try:
-        return decode(frames)
+        return decode(frames, check_finite=check_finite)
     except WireError as e:  # say who sent it
         raise WireError(f"from {_peer(frames[0])}: {e}") from None
 

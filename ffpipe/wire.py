@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import msgpack
@@ -169,6 +170,14 @@ def _decode_tensor(desc, frame, seen: dict, check_finite: bool, max_bytes: int) 
     if check_finite and t.is_floating_point() and t.numel() and not _finite(t):
         raise WireError(f"tensor {name!r} holds NaN or Inf")
     return name, t
+
+
+def check_finite(tensors: dict[str, torch.Tensor], skip: Collection[str] = ()) -> None:
+    """decode's finite check, for a receiver that decoded with check_finite=False: WireError if a float tensor
+    not named in `skip` holds NaN or Inf. A layer skips the inputs of its update, whose loss checks them."""
+    for name, t in tensors.items():
+        if name not in skip and t.is_floating_point() and t.numel() and not _finite(t):
+            raise WireError(f"tensor {name!r} holds NaN or Inf")
 
 
 def _finite(t: torch.Tensor) -> bool:

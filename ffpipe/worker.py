@@ -16,6 +16,9 @@ eval:  add this layer's goodness for every (image, label) to the accumulator the
 gap:   forwarded as it is.
 stop:  checkpoint, add this layer's counts to the message, forward, exit.
 Nothing is kept per batch. A malformed message is logged, counted and reported downstream at stop.
+A NaN or an Inf is refused like any malformed message. The inputs of the update (x, x_pos, x_neg of a train
+batch) are checked by its loss, which they reach (`NonFiniteLoss`), instead of by a pass of their own on
+decoding (a third of a wide layer's wire time); every other tensor, and a batch only forwarded, on decoding.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ import torch
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import RESUME_OLD_LAYOUT, build_layer, local_update, make_optimizer, out_widths, plan, set_compute, set_lr
+from ffpipe.layer import (RESUME_OLD_LAYOUT, NonFiniteLoss, build_layer, local_update, make_optimizer, out_widths, plan,
+                          set_compute, set_lr)
 from ffpipe.metrics import PeakMemory
 from ffpipe.model import label_value
 from ffpipe.topology import Topology
-from ffpipe.wire import Message, WireError, parse_shape
+from ffpipe.wire import Message, WireError, check_finite, parse_shape
 
 POLL_MS = 250  # how often a waiting worker checks for a stop signal
 GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
@@ -44,6 +48,7 @@ MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted 
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
 MAX_CLASSES = 100_000
 ACTIVATIONS = ("x_pos", "x_neg", "x_neu", "x_all")  # what a layer hands the next layer, and the sink never reads
+UPDATE_INPUTS = ("x", "x_pos", "x_neg")  # a train batch's tensors that the update's loss checks for NaN and Inf
 FORWARDED = {"train": ("total", "classes", "batch", "shape"),
              "eval": ("split", "round", "batches", "part", "classes", "final", "after", "shape")}
 
@@ -227,6 +232,7 @@ class Worker:
         scalars = _upstream_scalars(msg.scalars, "train", self.index, ("loss.", "g_pos.", "g_neg.", "durable."))
         scalars[f"durable.{self.index}"] = self.durable
         if batch <= self.last_batch:  # a batch this layer has learned from already: forward it, never apply it twice
+            check_finite({"x_pos": x_pos, **({} if x_neg is None else {"x_neg": x_neg})})  # no update checks them
             self.replayed += 1
             with torch.no_grad():
                 h = layer(x_pos if x_neg is None else torch.cat([x_pos, x_neg]))
@@ -241,7 +247,10 @@ class Worker:
         if "x_neu" in t:  # neutral pass first, with the weights the in-process trainer would use
             out.update(self._neutral(layer, t, b))
         w0, c0 = time.perf_counter(), time.thread_time()
-        r = local_update(layer, self.opt, x_pos, x_neg, self._to(t["y"]) if competitive else None)
+        try:
+            r = local_update(layer, self.opt, x_pos, x_neg, self._to(t["y"]) if competitive else None)
+        except NonFiniteLoss as e:  # the layer is as it was: the batch is refused like a malformed one
+            raise WireError(f"train batch refused: {e}") from None
         if self.updates and self.device.type == "cpu":  # on a GPU this would time the kernel launches only
             self.update_s += time.perf_counter() - w0
             self.update_cpu_s += time.thread_time() - c0
@@ -385,10 +394,11 @@ class Worker:
                     self.save()
                     return
                 try:
-                    msg = transport.recv(inbox, POLL_MS)
+                    msg = transport.recv(inbox, POLL_MS, check_finite=False)
                     if msg is None:
                         idle.tick(POLL_MS)
                         continue
+                    check_finite(msg.tensors, UPDATE_INPUTS if msg.kind == "train" else ())
                     idle.reset()
                     if msg.kind == "stop":
                         break

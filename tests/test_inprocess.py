@@ -99,3 +99,11 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, digi
     assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"])
     with pytest.raises(ValueError, match="already finished"):
         inprocess.train(cfg, digits, show_progress=False, resume=checkpoint.load(tmp_path / "b" / "run"))
+
+
+def test_a_diverging_run_stops_with_the_layer_named_instead_of_training_on_nan(tmp_path, digits):
+    from ffpipe.layer import NonFiniteLoss
+
+    cfg = config.override_nested(_cfg(tmp_path, epochs=1), optim=dict(lr=1e30))  # weights overflow in a step or two
+    with pytest.raises(NonFiniteLoss, match=r"^layer 0: the loss is not finite: .*\(a lower --lr may help\)$"):
+        inprocess.train(cfg, digits, show_progress=False)

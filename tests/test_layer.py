@@ -270,3 +270,38 @@ def test_set_compute_pins_the_threads_and_flushes_subnormal_floats_to_zero():
         assert torch.get_num_threads() == 1 and (tiny * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("spec, loss", [(12, "threshold"), (12, "symba"), (12, "competitive"),
+                                        ("conv4k3p2", "threshold"), ("lc4k3p2", "threshold"), ("lc4k3p2", "competitive")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_nothing(spec, loss, bad):
+    """What lets a pipeline layer skip a pass over its inputs on decoding: one NaN or Inf, at any position of
+    either half of the batch, makes the loss non-finite, and local_update refuses it before changing anything
+    (weights, optimizer state, the peer-norm mean the objective updates)."""
+    import copy
+    import math
+
+    from ffpipe.layer import NonFiniteLoss
+
+    shape = (2, 4, 4)
+    competitive = loss == "competitive"
+    layer = build_layer(1, spec, shape, LayerConfig(loss=loss, peer_norm=0.03, relu_grad="standard"), seed=0,
+                        num_classes=4 if competitive else 0)
+    opt = make_optimizer(layer.parameters(), OptimConfig(name="adam", lr=1e-2))
+    gen = torch.Generator().manual_seed(0)
+    x_pos, x_neg = (torch.rand(6, math.prod(shape), generator=gen) for _ in range(2))
+    y = torch.arange(6) % 4
+    local_update(layer, opt, x_pos, None if competitive else x_neg, y)  # the optimizer has state to lose
+    weights, state = copy.deepcopy(layer.state_dict()), copy.deepcopy(opt.state_dict())
+    halves = ("pos",) if competitive else ("pos", "neg")
+    for half in halves:
+        for at in range(x_pos.numel()):  # every position of the batch
+            p, n = x_pos.clone(), x_neg.clone()
+            (p if half == "pos" else n).view(-1)[at] = bad
+            with pytest.raises(NonFiniteLoss, match="not finite"):
+                local_update(layer, opt, p, None if competitive else n, y)
+    for key, value in weights.items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    assert_close(opt.state_dict(), state, rtol=0, atol=0)
+    local_update(layer, opt, x_pos, None if competitive else x_neg, y)  # and it goes on learning

@@ -344,3 +344,19 @@ def test_absurd_declared_sizes_are_refused_before_anything_is_allocated():
             decode(_frames(tensors=[["x", "float32", shape]])[:1] + [b""])
     for shape in ([0, 784], [0, 2**30, 2**30], [2**31 - 1, 0, 2**31 - 1, 2**31 - 1]):  # torch makes these: they pass
         assert decode(encode(Message("train", tensors={"x": torch.empty(shape)}))).tensors["x"].shape == tuple(shape)
+
+
+def test_check_finite_refuses_what_decode_would_and_skips_only_the_names_given():
+    from ffpipe.wire import check_finite
+
+    bad = torch.tensor([1.0, math.nan])
+    tensors = {"x_pos": bad, "goodness": torch.zeros(2), "idx": torch.arange(2)}
+    with pytest.raises(WireError, match="'x_pos' holds NaN or Inf"):
+        check_finite(tensors)
+    check_finite(tensors, skip=("x_pos",))
+    with pytest.raises(WireError, match="'goodness' holds NaN or Inf"):
+        check_finite({**tensors, "goodness": torch.tensor([math.inf])}, skip=("x_pos",))
+    frames = [bytes(f) for f in encode(Message("train", tensors=tensors))]
+    with pytest.raises(WireError, match="NaN or Inf"):
+        decode(frames)
+    check_finite(decode(frames, check_finite=False).tensors, skip=("x_pos",))

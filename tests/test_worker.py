@@ -67,9 +67,11 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     wrong_width = [torch.randn(5, 21, generator=gen) for _ in range(2)]
     transport.send(up, _train(2, *wrong_dtype), 5000)  # wrong dtype
     transport.send(up, _train(3, *wrong_width), 5000)  # wrong width
-    nan = batches[1][0].clone()
-    nan[0, 0] = float("nan")
-    transport.send(up, _train(4, nan, batches[1][1]), 5000)  # NaN
+    nan, inf = batches[1][0].clone(), batches[1][1].clone()
+    nan[0, 0], inf[3, 7] = float("nan"), float("inf")
+    transport.send(up, _train(2, nan, batches[1][1]), 5000)  # NaN in the next batch: its update refuses it
+    transport.send(up, _train(2, batches[1][0], inf), 5000)  # Inf, likewise
+    transport.send(up, _train(1, nan, batches[0][1]), 5000)  # NaN in a batch only forwarded: refused on decoding
     transport.send(up, _train(2, *batches[1]), 5000)
     transport.send(up, _train(2, *batches[1]), 5000)  # the same batch again: forwarded, not applied twice
     transport.send(up, _train(3, *batches[2]), 5000)
@@ -80,7 +82,8 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     assert [m.scalars["batch"] for m in outputs[:4]] == [1, 2, 2, 3]
     stop = outputs[-1].scalars
     assert stop["layer0.applied"] == 3 and stop["layer0.replayed"] == 1
-    assert stop["layer0.rejected"] == len(bad) + 3
+    assert stop["layer0.rejected"] == len(bad) + 5
+    assert "train batch refused: the loss is not finite" in stop["layer0.rejected_reasons"]
     assert stop["source.sent_train"] == 3
 
     # the layer applied exactly batches 1, 2, 3 once each, as local_update would in one process
