@@ -371,7 +371,8 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
     if wire:
         L.append("\n## The wire's share of a stage\n")
         L.append("One process, one thread: encode + send + receive + decode of one train message (positives and negatives of a "
-                 "batch at the layer's width) over loopback ZeroMQ, against that layer's local update (width x width).\n")
+                 "batch at the layer's width) over loopback ZeroMQ, decoded and checked as a layer worker does (the update's "
+                 "inputs by its loss), against that layer's local update (width x width).\n")
         L.append("| width | batch | message MB | wire ms | layer step ms | wire / step |")
         L.append("|---:|---:|---:|---:|---:|---:|")
         for r in wire:
