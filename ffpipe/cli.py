@@ -238,6 +238,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
     confusion: Annotated[Optional[Path], typer.Option(help="Also draw the confusion matrix (per-class accuracy) to this PNG file.")] = None,
     test_blur: Annotated[Optional[float], typer.Option(help="Blur the test images with a Gaussian of this sigma (pixels) first; 0 = off (default: the run's --test-blur).")] = None,
+    tta_flip: Annotated[bool, typer.Option("--tta-flip", help="Test-time augmentation: add each image's scores and its left-right mirror's (for data a flip keeps the label of, e.g. CIFAR-10, FER2013; not digits).")] = False,
 ) -> None:
     """Re-evaluate a saved model on a dataset split; print its accuracy, per-class accuracy and confusion matrix as JSON."""
     from ffpipe import data as datasets
@@ -259,14 +260,14 @@ def eval_(
         part = {"test": data.test, "val": data.val, "train": data.train}[split]
         if part is None:
             raise ValueError("this run held out no validation set (val_size 0)")
-        result = evaluate(net, part.x, part.y, mode=predict)
+        result = evaluate(net, part.x, part.y, mode=predict, tta_flip=tta_flip)
         counts = confusion_matrix(result["predictions"], part.y, data.num_classes)
         if confusion is not None:
             title = f"{data.name} {split}, {','.join(map(str, cfg.layers))}: accuracy {100 * result['accuracy']:.2f}%"
             plot_confusion(counts, data.classes, title, confusion)
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "dataset": data.name, "split": split,
                                **({"test_blur": cfg.test_blur if test_blur is None else test_blur} if split == "test" else {}),
-                               "predict": predict or cfg.predict, "samples": len(part), "accuracy": result["accuracy"],
+                               "predict": predict or cfg.predict, "tta_flip": tta_flip, "samples": len(part), "accuracy": result["accuracy"],
                                "per_class": dict(zip(data.classes, per_class_accuracy(counts))), "confusion": counts.tolist()}))
     except (ValueError, DataError, CheckpointError) as e:
         raise _fail(str(e)) from None

@@ -116,11 +116,16 @@ def readout_step(net: FFNet, optimizer: torch.optim.Optimizer, features: torch.T
 
 
 @torch.no_grad()
-def evaluate(net: FFNet, images: torch.Tensor, labels: torch.Tensor, mode: str | None = None, batch_size: int = 1000) -> dict:
-    """Accuracy and predictions over a whole split, in batches. Returns {"accuracy", "predictions"}."""
+def evaluate(net: FFNet, images: torch.Tensor, labels: torch.Tensor, mode: str | None = None, batch_size: int = 1000,
+             tta_flip: bool = False) -> dict:
+    """Accuracy and predictions over a whole split, in batches. Returns {"accuracy", "predictions"}.
+    tta_flip: each image's scores plus its mirror image's (left-right), for datasets where a flip keeps the label."""
     preds = []
     for i in range(0, len(labels), batch_size):
-        x = net.inputs(images[i : i + batch_size])
-        preds.append(net.scores(x, mode).argmax(dim=1).cpu())
+        batch = images[i : i + batch_size]
+        scores = net.scores(net.inputs(batch), mode)
+        if tta_flip:
+            scores = scores + net.scores(net.inputs(batch.flip(-1)), mode)
+        preds.append(scores.argmax(dim=1).cpu())
     predictions = torch.cat(preds)
     return {"accuracy": (predictions == labels).float().mean().item(), "predictions": predictions}

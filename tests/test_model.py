@@ -76,3 +76,18 @@ def test_equalize_makes_inputs_independent_of_contrast():
     # equalization depends (up to the ties the map made) only on the order of pixel values, which the map kept
     assert (eq_low - eq).abs().mean() < 0.5 * (prepare_inputs(low_contrast, zero, one, False) - plain).abs().mean()
     assert eq_low.std() > 2 * prepare_inputs(low_contrast, zero, one, False).std()  # contrast restored
+
+
+def test_flip_tta_adds_the_mirror_images_scores():
+    net = _net()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (30, 1, 5, 5), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 4, (30,), generator=gen)
+    both = net.scores(net.inputs(images)) + net.scores(net.inputs(images.flip(-1)))
+    result = evaluate(net, images, labels, batch_size=7, tta_flip=True)
+    assert torch.equal(result["predictions"], both.argmax(1))
+    assert result["accuracy"] == (both.argmax(1) == labels).float().mean().item()
+    assert not torch.equal(result["predictions"], evaluate(net, images, labels)["predictions"])  # the mirrors count
+    symmetric = torch.cat([images[..., :3], images[..., :2].flip(-1)], dim=-1)  # each row reads the same both ways
+    assert torch.equal(evaluate(net, symmetric, labels, tta_flip=True)["predictions"],
+                       evaluate(net, symmetric, labels)["predictions"])
