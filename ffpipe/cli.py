@@ -131,6 +131,9 @@ def run(
     try:
         if restart not in ("no", "on-failure"):
             raise ValueError(f"--restart must be no or on-failure; got {restart!r}")
+        for flag, name in (("--optimizer", optimizer), ("--readout-optimizer", readout_optimizer)):
+            if name not in (None, "adam", "sgd"):  # the config's own message cannot say which of the two it was
+                raise ValueError(f"{flag} must be adam or sgd; got {name!r}")
         if resume is not None:
             if config_file is not None:
                 raise ValueError("--resume reads the run's own config; drop --config")

@@ -87,6 +87,21 @@ def test_eval_can_blur_the_test_images(trained):
     assert bad.exit_code == 1 and "--test-blur must be >= 0" in bad.output
 
 
+def test_eval_can_add_the_mirror_images_scores(trained):
+    from ffpipe.data import load
+    from ffpipe.model import evaluate
+    from ffpipe.serve import load_model
+
+    result = _run("eval", "--checkpoint", trained, "--tta-flip")
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    net, _ = load_model(trained)
+    test = load("digits", "data").test
+    assert line["tta_flip"] is True
+    assert line["accuracy"] == pytest.approx(evaluate(net, test.x, test.y, tta_flip=True)["accuracy"])
+    assert json.loads(_run("eval", "--checkpoint", trained).stdout.strip().splitlines()[-1])["tta_flip"] is False
+
+
 def test_predict_classifies_image_files(trained, tmp_path):
     paths = []
     for i in range(2):
@@ -114,6 +129,8 @@ def test_predict_classifies_image_files(trained, tmp_path):
         (["run", "--epochs", "0"], "epochs"),
         (["run", "--test-blur", "-1"], "test_blur must be >= 0"),
         (["run", "--norm", "batch"], "norm"),
+        (["run", "--optimizer", "lbfgs"], "--optimizer must be adam or sgd; got 'lbfgs'"),
+        (["run", "--readout-optimizer", "lbfgs"], "--readout-optimizer must be adam or sgd; got 'lbfgs'"),
         (["run", "--dataset", "mnist", "--data-dir", "/nonexistent/ffpipe", "--no-download"], "/nonexistent/ffpipe"),
         (["eval", "--checkpoint", "/nonexistent/run"], "no checkpoint"),
         (["predict", "--checkpoint", "/nonexistent/run", "x.png"], "no checkpoint"),
