@@ -18,6 +18,7 @@ from ffpipe import __version__
 from ffpipe.checkpoint import CheckpointError
 from ffpipe.data import DataError
 from ffpipe.launcher import PipelineError
+from ffpipe.layer import Diverged
 from ffpipe.transport import PeerTimeout
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Forward-Forward training, one process per layer.")
@@ -132,8 +133,8 @@ def run(
         if restart not in ("no", "on-failure"):
             raise ValueError(f"--restart must be no or on-failure; got {restart!r}")
         for flag, name in (("--optimizer", optimizer), ("--readout-optimizer", readout_optimizer)):
-            if name not in (None, "adam", "sgd"):  # the config's own message cannot say which of the two it was
-                raise ValueError(f"{flag} must be adam or sgd; got {name!r}")
+            if name is not None and name not in config.OPTIMIZERS:  # the config's own message cannot say which flag
+                raise ValueError(f"{flag} must be {' or '.join(config.OPTIMIZERS)}; got {name!r}")
         if resume is not None:
             if config_file is not None:
                 raise ValueError("--resume reads the run's own config; drop --config")
@@ -176,7 +177,7 @@ def run(
 
             launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None, pin=pin,
                    keys=security.load(keys) if keys else None, restart=restart, max_restarts=max_restarts)
-    except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError) as e:
+    except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError, Diverged) as e:
         raise _fail(str(e)) from None
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None

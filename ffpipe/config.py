@@ -51,6 +51,9 @@ class LayerConfig:
             raise ValueError(f"peer_momentum must be in [0, 1); got {self.peer_momentum}")
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """A layer's (or the readout's) own optimizer and learning-rate schedule."""
@@ -62,7 +65,7 @@ class OptimConfig:
     schedule: str = "linear-half"  # "constant", "linear-half" (decay over the second half), "cosine"
 
     def __post_init__(self):
-        _choice("optimizer", self.name, ("sgd", "adam"))
+        _choice("optimizer", self.name, OPTIMIZERS)
         _choice("lr schedule", self.schedule, ("constant", "linear-half", "cosine"))
         _positive("lr", self.lr)
         _positive("weight_decay", self.weight_decay, allow_zero=True)

@@ -18,11 +18,14 @@ def normalize(x: torch.Tensor, kind: str = "rms", eps: float = 1e-8) -> torch.Te
     "l2":  x / (||x||_2 + eps)            (the popular PyTorch example)
     "rms": x / sqrt(mean(x^2) + eps)      (Hinton's code; rows have unit mean square)
     """
-    # (B, D) -> (B, D)
+    # (B, D) -> (B, D). A row holding NaN or Inf comes out all NaN: x / Inf alone would zero the row but the Inf,
+    # which a layer might never read (pooling drops the edge), and the zeros would then train as an input
     if kind == "l2":
-        return x / (x.norm(p=2, dim=1, keepdim=True) + eps)
+        norm = x.norm(p=2, dim=1, keepdim=True) + eps  # (B, 1): Inf or NaN where the row is not finite
+        return x / torch.where(torch.isfinite(norm), norm, torch.nan)
     if kind == "rms":
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+        scale = torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)  # (B, 1): 0 or NaN where the row is not finite
+        return x * torch.where(scale > 0, scale, torch.nan)
     raise ValueError(f"unknown normalization {kind!r} (expected 'l2' or 'rms')")
 
 

@@ -170,11 +170,16 @@ RESUME_OLD_LAYOUT = ("written by an earlier ffpipe whose locally connected layer
 
 
 class NonFiniteLoss(ValueError):
-    """A layer's loss on a batch is NaN or infinite; nothing was changed. A NaN or an Inf anywhere in a batch's
-    inputs reaches the loss (normalizing spreads a NaN over its whole row and turns an Inf into a NaN; products,
-    sums, ReLU and max pooling pass NaN on), so this check, on one number, stands in for a pass over the inputs.
-    The one exception: an Inf at a pixel no unit of an image layer reads (where a stride steps past the edge)
-    leaves that image's row all zeros."""
+    """A layer's loss on a batch is NaN or infinite (checked on the CPU); nothing was changed. A NaN or an Inf
+    anywhere in a batch's inputs reaches the loss: normalizing makes the whole row NaN (`ff.normalize`), every
+    unit reads some of its row, and products, sums, ReLU and max pooling pass NaN on; so this check, on one
+    number, stands in for a pass over the inputs."""
+
+
+class Diverged(Exception):
+    """A pipeline layer's (or the sink's readout's) loss is not finite on finite inputs: it has diverged, every batch
+    would be refused and sent again for ever, so the role stops with this message (not a ValueError: the roles
+    count those as bad messages and go on)."""
 
 
 class _FFBase(nn.Module):
@@ -231,12 +236,15 @@ class _FFBase(nn.Module):
                 loss = ff.symba_loss(g_pos, g_neg, self.cfg.symba_alpha)
             else:
                 loss = ff.threshold_loss(g_pos, g_neg, self.threshold)
-        if not torch.isfinite(loss):  # before anything changes: the batch is refused as it came
-            raise NonFiniteLoss("the loss is not finite: the batch holds NaN or Inf, or the layer has diverged")
         if self.cfg.peer_norm > 0:
             m = self.cfg.peer_momentum
             running = self.running_mean.detach() * m + h_pos.mean(dim=0) * (1 - m)  # (H,), grad through this batch
             loss = loss + self.cfg.peer_norm * ff.peer_loss(running)
+        # before anything changes, the batch is refused as it came. On the CPU only: on a GPU the check would stall
+        # every step (a host sync), and a GPU worker checks its inputs on decoding instead
+        if loss.device.type == "cpu" and not torch.isfinite(loss):
+            raise NonFiniteLoss("the loss is not finite: the batch holds NaN or Inf, or the layer has diverged")
+        if self.cfg.peer_norm > 0:
             self.running_mean.copy_(running.detach())
         return loss, g_pos, g_neg
 

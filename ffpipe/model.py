@@ -14,7 +14,7 @@ from torch import nn
 from ffpipe import ff
 from ffpipe.config import RunConfig
 from ffpipe.data import equalize
-from ffpipe.layer import build_layer, check_net
+from ffpipe.layer import NonFiniteLoss, build_layer, check_net
 
 
 def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool,
@@ -109,6 +109,8 @@ def readout_step(net: FFNet, optimizer: torch.optim.Optimizer, features: torch.T
     """One step of the linear readout on detached FF activities (no gradient reaches the FF layers)."""
     logits = net.readout(features.detach())
     loss = F.cross_entropy(logits, labels)
+    if loss.device.type == "cpu" and not torch.isfinite(loss):  # refused before the step, as by a layer's update
+        raise NonFiniteLoss("the readout's loss is not finite: the layers' outputs hold NaN or Inf (diverged? a lower --lr may help)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -120,6 +122,8 @@ def evaluate(net: FFNet, images: torch.Tensor, labels: torch.Tensor, mode: str |
              tta_flip: bool = False) -> dict:
     """Accuracy and predictions over a whole split, in batches. Returns {"accuracy", "predictions"}.
     tta_flip: each image's scores plus its mirror image's (left-right), for datasets where a flip keeps the label."""
+    if tta_flip and images.dim() != 4:
+        raise ValueError(f"flipping needs images (N, C, H, W), not a {tuple(images.shape)} tensor")
     preds = []
     for i in range(0, len(labels), batch_size):
         batch = images[i : i + batch_size]

@@ -29,7 +29,7 @@ from torch import nn
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import make_optimizer, out_widths, set_lr
+from ffpipe.layer import Diverged, make_optimizer, out_widths, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.progress import RunProgress
 from ffpipe.topology import Topology
@@ -175,6 +175,9 @@ class Sink:
             set_lr(self.readout_opt, r.lr * ff.lr_factor(msg.epoch, self.cfg.epochs, r.schedule))
         logits = self.readout(feats)
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):  # its features are finite (checked on decoding): the readout itself has diverged
+            raise Diverged(f"the sink's readout has diverged: its loss on train batch {msg.scalars.get('batch')} is not "
+                           "finite (a lower --readout-lr may help)")
         self.readout_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.readout_opt.step()

@@ -16,9 +16,10 @@ eval:  add this layer's goodness for every (image, label) to the accumulator the
 gap:   forwarded as it is.
 stop:  checkpoint, add this layer's counts to the message, forward, exit.
 Nothing is kept per batch. A malformed message is logged, counted and reported downstream at stop.
-A NaN or an Inf is refused like any malformed message. The inputs of the update (x, x_pos, x_neg of a train
-batch) are checked by its loss, which they reach (`NonFiniteLoss`), instead of by a pass of their own on
-decoding (a third of a wide layer's wire time); every other tensor, and a batch only forwarded, on decoding.
+A NaN or an Inf is refused like any malformed message. On the CPU the inputs of the update (x, x_pos, x_neg
+of a train batch) are checked by its loss, which they reach (`NonFiniteLoss`), instead of by a pass of their
+own on decoding (a third of a wide layer's wire time); every other tensor, a batch only forwarded, and on a
+GPU everything, on decoding (a check of the loss there would stall every step).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import (RESUME_OLD_LAYOUT, NonFiniteLoss, build_layer, local_update, make_optimizer, out_widths, plan,
+from ffpipe.layer import (RESUME_OLD_LAYOUT, Diverged, NonFiniteLoss, build_layer, local_update, make_optimizer, out_widths, plan,
                           set_compute, set_lr)
 from ffpipe.metrics import PeakMemory
 from ffpipe.model import label_value
@@ -48,7 +49,7 @@ MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted 
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
 MAX_CLASSES = 100_000
 ACTIVATIONS = ("x_pos", "x_neg", "x_neu", "x_all")  # what a layer hands the next layer, and the sink never reads
-UPDATE_INPUTS = ("x", "x_pos", "x_neg")  # a train batch's tensors that the update's loss checks for NaN and Inf
+UPDATE_INPUTS = ("x", "x_pos", "x_neg")  # a train batch's tensors that the update's loss checks for NaN and Inf (CPU)
 FORWARDED = {"train": ("total", "classes", "batch", "shape"),
              "eval": ("split", "round", "batches", "part", "classes", "final", "after", "shape")}
 
@@ -224,6 +225,7 @@ class Worker:
             self.gap_notice_at = now
             return Message("gap", msg.seq, msg.epoch, {"layer": self.index, "needs": self.last_batch + 1})
         # only a complete, in-order batch may build the layer (its width decides layer 0's input size)
+        fresh, epoch = self.layer is None, self.epoch  # as they were, should the update refuse the batch
         layer = self._ensure_layer(x_pos.shape[1], msg.scalars.get("shape"), msg.scalars.get("classes"))
         if x_pos.shape[1] != layer.in_features:
             raise WireError(f"train batch of width {x_pos.shape[1]}, layer {self.index} takes {layer.in_features}")
@@ -249,8 +251,15 @@ class Worker:
         w0, c0 = time.perf_counter(), time.thread_time()
         try:
             r = local_update(layer, self.opt, x_pos, x_neg, self._to(t["y"]) if competitive else None)
-        except NonFiniteLoss as e:  # the layer is as it was: the batch is refused like a malformed one
-            raise WireError(f"train batch refused: {e}") from None
+        except NonFiniteLoss as e:  # the layer is as it was
+            self._forget(fresh, epoch)
+            try:  # a batch with NaN or Inf in it is refused like a malformed one (this pass only runs here)
+                check_finite({"x_pos": x_pos, **({} if x_neg is None else {"x_neg": x_neg})})
+            except WireError:
+                raise WireError(f"train batch refused: {e}") from None
+            # on finite inputs, the layer itself has diverged: every batch would be refused and resent for ever
+            raise Diverged(f"layer {self.index} has diverged: its loss on train batch {batch}, whose inputs are finite, is "
+                           f"not finite; its last checkpoint is as it was (a lower --lr may help)") from None
         if self.updates and self.device.type == "cpu":  # on a GPU this would time the kernel launches only
             self.update_s += time.perf_counter() - w0
             self.update_cpu_s += time.thread_time() - c0
@@ -296,6 +305,14 @@ class Worker:
                 acc = acc + layer.goodness(h).view(b, c).cpu()
         out = {"x_all": h, "goodness": acc, "y": t["y"], **self._readout(layer, t, h, b)}
         return Message("eval", msg.seq, msg.epoch, _upstream_scalars(msg.scalars, "eval", self.index, ()), out)
+
+    def _forget(self, fresh: bool, epoch: int) -> None:
+        """Undo what a batch its update refused changed before: the layer it built, or its epoch's learning rate."""
+        if fresh:
+            self.layer = self.opt = None
+        elif epoch != self.epoch:  # -1: none applied yet, the optimizer's first learning rate
+            set_lr(self.opt, self.cfg.optim.lr * ff.lr_factor(max(epoch, 0), self.cfg.epochs, self.cfg.optim.schedule))
+        self.epoch = epoch
 
     def _readout(self, layer: torch.nn.Module, t: dict, h: torch.Tensor, rows: int) -> dict:
         """What the readout takes from this layer: the neutral-label pass and its features, or with the competitive
@@ -398,7 +415,7 @@ class Worker:
                     if msg is None:
                         idle.tick(POLL_MS)
                         continue
-                    check_finite(msg.tensors, UPDATE_INPUTS if msg.kind == "train" else ())
+                    check_finite(msg.tensors, UPDATE_INPUTS if msg.kind == "train" and self.device.type == "cpu" else ())
                     idle.reset()
                     if msg.kind == "stop":
                         break

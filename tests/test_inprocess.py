@@ -101,9 +101,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, digi
         inprocess.train(cfg, digits, show_progress=False, resume=checkpoint.load(tmp_path / "b" / "run"))
 
 
-def test_a_diverging_run_stops_with_the_layer_named_instead_of_training_on_nan(tmp_path, digits):
+@pytest.mark.parametrize("negatives, message", [
+    ("random", r"^layer 0: the loss is not finite: .*\(a lower --lr may help\)$"),
+    ("hard", r"^the readout's loss is not finite: the layers' outputs hold NaN or Inf"),  # its neutral pass comes first
+])
+def test_a_diverging_run_stops_with_a_clear_error_instead_of_training_on_nan(tmp_path, digits, negatives, message):
     from ffpipe.layer import NonFiniteLoss
 
-    cfg = config.override_nested(_cfg(tmp_path, epochs=1), optim=dict(lr=1e30))  # weights overflow in a step or two
-    with pytest.raises(NonFiniteLoss, match=r"^layer 0: the loss is not finite: .*\(a lower --lr may help\)$"):
+    cfg = config.override_nested(_cfg(tmp_path, epochs=1, negatives=negatives, predict="readout" if negatives == "hard" else "goodness"),
+                                 optim=dict(lr=1e30))  # the weights overflow in a step or two
+    with pytest.raises(NonFiniteLoss, match=message):
         inprocess.train(cfg, digits, show_progress=False)

@@ -272,10 +272,20 @@ def test_set_compute_pins_the_threads_and_flushes_subnormal_floats_to_zero():
         torch.set_flush_denormal(False)
 
 
-@pytest.mark.parametrize("spec, loss", [(12, "threshold"), (12, "symba"), (12, "competitive"),
-                                        ("conv4k3p2", "threshold"), ("lc4k3p2", "threshold"), ("lc4k3p2", "competitive")])
+# (index, spec, input shape, loss, relu_grad): every layer kind and loss; layer 0 with its label bias; geometries
+# where max pooling drops the last row and column (k1p2 on 5x5, k3p3 on 8x8) or a stride steps over it (k1s2)
+NONFINITE_CASES = [(1, 12, (2, 4, 4), "threshold", "standard"), (1, 12, (2, 4, 4), "symba", "full"),
+                   (1, 12, (2, 4, 4), "competitive", "standard"), (0, 12, (2, 4, 4), "threshold", "full"),
+                   (1, "conv4k3p2", (2, 4, 4), "threshold", "standard"), (0, "conv4k3p2", (2, 4, 4), "threshold", "full"),
+                   (1, "conv4k1p2", (1, 5, 5), "threshold", "standard"), (1, "conv4k3p3", (1, 8, 8), "competitive", "full"),
+                   (1, "conv4k1s2", (1, 6, 6), "threshold", "standard"), (1, "lc4k3p2", (2, 4, 4), "threshold", "standard"),
+                   (0, "lc4k3p2", (2, 4, 4), "threshold", "full"), (1, "lc4k3p2", (2, 4, 4), "competitive", "standard"),
+                   (1, "lc4k3p3", (1, 8, 8), "threshold", "full"), (1, "lc4k1s2", (1, 6, 6), "symba", "standard")]
+
+
+@pytest.mark.parametrize("index, spec, shape, loss, relu_grad", NONFINITE_CASES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_nothing(spec, loss, bad):
+def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_nothing(index, spec, shape, loss, relu_grad, bad):
     """What lets a pipeline layer skip a pass over its inputs on decoding: one NaN or Inf, at any position of
     either half of the batch, makes the loss non-finite, and local_update refuses it before changing anything
     (weights, optimizer state, the peer-norm mean the objective updates)."""
@@ -284,14 +294,13 @@ def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_not
 
     from ffpipe.layer import NonFiniteLoss
 
-    shape = (2, 4, 4)
-    competitive = loss == "competitive"
-    layer = build_layer(1, spec, shape, LayerConfig(loss=loss, peer_norm=0.03, relu_grad="standard"), seed=0,
-                        num_classes=4 if competitive else 0)
+    competitive, classes = loss == "competitive", 4
+    layer = build_layer(index, spec, shape, LayerConfig(loss=loss, peer_norm=0.03, relu_grad=relu_grad), seed=0,
+                        num_classes=classes)
     opt = make_optimizer(layer.parameters(), OptimConfig(name="adam", lr=1e-2))
     gen = torch.Generator().manual_seed(0)
     x_pos, x_neg = (torch.rand(6, math.prod(shape), generator=gen) for _ in range(2))
-    y = torch.arange(6) % 4
+    y = torch.arange(6) % classes
     local_update(layer, opt, x_pos, None if competitive else x_neg, y)  # the optimizer has state to lose
     weights, state = copy.deepcopy(layer.state_dict()), copy.deepcopy(opt.state_dict())
     halves = ("pos",) if competitive else ("pos", "neg")
@@ -305,3 +314,27 @@ def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_not
         assert torch.equal(layer.state_dict()[key], value), key
     assert_close(opt.state_dict(), state, rtol=0, atol=0)
     local_update(layer, opt, x_pos, None if competitive else x_neg, y)  # and it goes on learning
+    assert all(torch.isfinite(v).all() for v in layer.state_dict().values())
+
+
+def test_a_loss_only_its_peer_norm_term_makes_infinite_is_refused_before_the_running_mean_moves():
+    """A diverged layer: positives overflow their goodness (whose loss term is then 0), negatives are off, so only
+    the peer-norm term is infinite. The check covers the whole loss, before the running mean is written."""
+    import copy
+
+    from ffpipe.layer import NonFiniteLoss
+
+    layer = FFLayer(4, 3, LayerConfig(peer_norm=0.03, relu_grad="standard"))
+    with torch.no_grad():
+        layer.linear.weight.zero_()
+        layer.linear.bias.zero_()
+        layer.linear.weight[0] = 1e30
+    x_pos, x_neg = torch.ones(2, 4), -torch.ones(2, 4)
+    with torch.no_grad():  # the precondition: the goodness loss alone is finite
+        h_pos, h_neg = layer(x_pos), layer(x_neg)
+        assert torch.isfinite(ff.threshold_loss(layer.goodness(h_pos), layer.goodness(h_neg), layer.threshold))
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(NonFiniteLoss):
+        local_update(layer, make_optimizer(layer.parameters(), OptimConfig()), x_pos, x_neg)
+    for key, value in before.items():
+        assert torch.equal(layer.state_dict()[key], value), key

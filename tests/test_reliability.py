@@ -101,6 +101,24 @@ def test_without_restart_a_kill_9_stops_everything_and_names_the_role(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags, dead, message", [
+    (["--lr", "1e30"], "layer 0", "error: layer 0 has diverged: its loss on train batch "),
+    (["--predict", "readout", "--readout-lr", "1e30"], "sink", "error: the sink's readout has diverged: its loss on train batch "),
+])
+def test_a_diverging_layer_or_readout_stops_the_run_with_one_line_instead_of_resending_for_ever(tmp_path, flags, dead, message):
+    """Its loss is not finite on finite inputs: refusing each batch, as for a batch holding NaN, would have the
+    source resend them without end. The role says so and exits; the launcher stops the rest."""
+    out = tmp_path / "run"
+    proc = _launch(out, *flags)
+    output, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 1, output
+    assert message in output and "(a lower --" in output
+    assert f"error: {dead} (pid " in output and "died: exit code 1; stopped the rest" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_a_stopped_worker_holds_the_pipeline_with_memory_bounded_and_it_resumes(tmp_path):
     out = tmp_path / "run"
     proc = _launch(out, "--epochs", "30")

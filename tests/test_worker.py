@@ -71,7 +71,7 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     nan[0, 0], inf[3, 7] = float("nan"), float("inf")
     transport.send(up, _train(2, nan, batches[1][1]), 5000)  # NaN in the next batch: its update refuses it
     transport.send(up, _train(2, batches[1][0], inf), 5000)  # Inf, likewise
-    transport.send(up, _train(1, nan, batches[0][1]), 5000)  # NaN in a batch only forwarded: refused on decoding
+    transport.send(up, _train(1, nan, batches[0][1]), 5000)  # NaN in a batch only forwarded: refused by its own check
     transport.send(up, _train(2, *batches[1]), 5000)
     transport.send(up, _train(2, *batches[1]), 5000)  # the same batch again: forwarded, not applied twice
     transport.send(up, _train(3, *batches[2]), 5000)
@@ -96,6 +96,26 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     assert saved["applied"] == 3 and saved["last_batch"] == 3
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(saved["layer"][key], value)
+
+
+@pytest.mark.timeout(60)
+def test_a_first_batch_its_update_refuses_builds_no_layer_and_images_with_nan_are_refused(worker_link):
+    cfg, worker, up, down = worker_link
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(5, 24, generator=gen)
+    wide[4, 23] = float("inf")
+    transport.send(up, _train(1, wide, torch.randn(5, 24, generator=gen)), 5000)  # refused: it must leave no layer
+    transport.send(up, _train(1, *(torch.randn(5, 20, generator=gen) for _ in range(2))), 5000)  # so width 20 fits
+    images = torch.rand(5, 20, generator=gen)
+    images[0, 19] = float("nan")
+    as_the_source_sends = {"y": torch.zeros(5, dtype=torch.long), "neg": torch.ones(5, dtype=torch.long), "idx": torch.arange(5)}
+    transport.send(up, Message("train", 2, 0, {"total": 3, "classes": 10, "batch": 2}, {"x": images, **as_the_source_sends}), 5000)
+    transport.send(up, Message("stop", 9, 0, {}), 5000)
+    outputs = [transport.recv(down, 10_000) for _ in range(2)]
+    assert [m.kind for m in outputs] == ["train", "stop"] and outputs[0].scalars["batch"] == 1
+    stop = outputs[1].scalars
+    assert stop["layer0.applied"] == 1 and stop["layer0.rejected"] == 2
+    assert "train batch refused: the loss is not finite" in stop["layer0.rejected_reasons"]
 
 
 def test_an_image_layer_is_sized_from_the_shape_the_batch_names(tmp_path):
