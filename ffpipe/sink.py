@@ -41,6 +41,7 @@ GAP_REPORT_S = 1.0  # at most one gap report per this long for the same missing 
 STATE = "sink.pt"
 # settings that decide the stream's numbering: sink.pt from a run with other values cannot be continued
 STREAM_FIELDS = ("dataset", "val_size", "train_size", "layers", "batch_size", "epochs", "eval_every", "seed")
+MAX_FEATURE = 1e4  # readout features are normalized outputs (unit mean square): none exceeds sqrt(width) <= 2048
 
 
 class Sink:
@@ -175,7 +176,7 @@ class Sink:
             set_lr(self.readout_opt, r.lr * ff.lr_factor(msg.epoch, self.cfg.epochs, r.schedule))
         logits = self.readout(feats)
         loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):  # its features are finite (checked on decoding): the readout itself has diverged
+        if not torch.isfinite(loss):  # on features as the layers send them (finite, in range), a healthy readout's is
             raise Diverged(f"the sink's readout has diverged: its loss on train batch {msg.scalars.get('batch')} is not "
                            "finite (a lower --readout-lr may help)")
         self.readout_opt.zero_grad(set_to_none=True)
@@ -299,6 +300,8 @@ class Sink:
             width = self._readout_width(msg)
             if "feats" in t and (t["feats"].dtype != torch.float32 or t["feats"].shape != (len(y), width)):
                 raise ValueError(f"feats must be float32 ({len(y)}, {width}), got {t['feats'].dtype} {tuple(t['feats'].shape)}")
+            if "feats" in t and t["feats"].numel() and t["feats"].abs().amax() > MAX_FEATURE:  # a step on them would wreck the readout
+                raise ValueError(f"feats hold values beyond {MAX_FEATURE:g}, which no layer's normalized outputs reach")
         elif msg.kind == "eval":
             if t["goodness"].shape != (len(y), classes) or not all(isinstance(s.get(k), int) for k in ("round", "batches")):
                 raise ValueError("eval message needs goodness (B, C) and integer round and batches")

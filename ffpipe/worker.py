@@ -55,6 +55,11 @@ FORWARDED = {"train": ("total", "classes", "batch", "shape"),
 
 
 
+def _normalizable(x: torch.Tensor) -> bool:
+    """Every row's sum of squares is finite: no NaN, no Inf, nothing so large that `ff.normalize` overflows."""
+    return bool(torch.isfinite(x.pow(2).sum(dim=1)).all())
+
+
 def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -253,11 +258,10 @@ class Worker:
             r = local_update(layer, self.opt, x_pos, x_neg, self._to(t["y"]) if competitive else None)
         except NonFiniteLoss as e:  # the layer is as it was
             self._forget(fresh, epoch)
-            try:  # a batch with NaN or Inf in it is refused like a malformed one (this pass only runs here)
-                check_finite({"x_pos": x_pos, **({} if x_neg is None else {"x_neg": x_neg})})
-            except WireError:
-                raise WireError(f"train batch refused: {e}") from None
-            # on finite inputs, the layer itself has diverged: every batch would be refused and resent for ever
+            if not all(_normalizable(x) for x in (x_pos, x_neg) if x is not None):  # (this pass only runs here)
+                raise WireError(f"train batch refused: {e}") from None  # NaN, Inf, or too large to normalize
+            # on inputs it can normalize, a healthy layer's loss is finite: this one has diverged, and every batch
+            # would be refused and resent for ever
             raise Diverged(f"layer {self.index} has diverged: its loss on train batch {batch}, whose inputs are finite, is "
                            f"not finite; its last checkpoint is as it was (a lower --lr may help)") from None
         if self.updates and self.device.type == "cpu":  # on a GPU this would time the kernel launches only

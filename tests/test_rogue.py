@@ -86,6 +86,8 @@ def _for_sink(rng: random.Random) -> dict[str, list[bytes]]:
     y = torch.tensor([1, 2, 3])
     return {**_undecodable(rng),
             "feats width": _frames("train", {"batch": 1, "total": BATCHES, "classes": 10}, y=y, idx=y, feats=torch.rand(3, 5)),
+            "feats huge": _frames("train", {"batch": 1, "total": BATCHES, "classes": 10}, y=y, idx=y,  # finite, too large
+                                  feats=torch.full((3, WIDTHS[1]), 1e30)),
             "labels": _frames("train", {"batch": 1, "total": BATCHES, "classes": 10}, y=torch.tensor([1, 99, 3]), idx=y),
             "eval shape": _frames("eval", {"round": 1, "batches": 1, "classes": 10, "split": "test"}, y=y,
                                   goodness=torch.zeros(3, 4)),

@@ -71,6 +71,7 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     nan[0, 0], inf[3, 7] = float("nan"), float("inf")
     transport.send(up, _train(2, nan, batches[1][1]), 5000)  # NaN in the next batch: its update refuses it
     transport.send(up, _train(2, batches[1][0], inf), 5000)  # Inf, likewise
+    transport.send(up, _train(2, batches[1][0] * 1e30, batches[1][1]), 5000)  # finite, but too large to normalize
     transport.send(up, _train(1, nan, batches[0][1]), 5000)  # NaN in a batch only forwarded: refused by its own check
     transport.send(up, _train(2, *batches[1]), 5000)
     transport.send(up, _train(2, *batches[1]), 5000)  # the same batch again: forwarded, not applied twice
@@ -82,7 +83,7 @@ def test_malformed_messages_are_counted_and_the_worker_keeps_training(worker_lin
     assert [m.scalars["batch"] for m in outputs[:4]] == [1, 2, 2, 3]
     stop = outputs[-1].scalars
     assert stop["layer0.applied"] == 3 and stop["layer0.replayed"] == 1
-    assert stop["layer0.rejected"] == len(bad) + 5
+    assert stop["layer0.rejected"] == len(bad) + 6  # a batch the layer cannot normalize is refused: it has not diverged
     assert "train batch refused: the loss is not finite" in stop["layer0.rejected_reasons"]
     assert stop["source.sent_train"] == 3
 
