@@ -52,7 +52,7 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
     if cfg.uses_readout and only_layer is None and not cfg.competitive:
         with torch.no_grad():
             acts = net.activities(ff.overlay(x, None, c, value))
-        logits = readout_step(net, ro_opt, net.readout_features(acts), y)
+        logits = readout_step(net.readout, ro_opt, net.readout_features(acts), y)
     if cfg.negatives == "hard" and logits is not None:
         neg = ff.hard_wrong_labels(logits.cpu(), labels, gen)
     else:
@@ -81,7 +81,7 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
     if cfg.competitive and cfg.uses_readout and only_layer is None:
         # the competitive loss's pass is the readout's: each layer's outputs before its update, as a pipeline
         # stage appends them (no second pass); the readout trains on them after the layers, which changes nothing
-        readout_step(net, ro_opt, net.readout_features([r.h_pos for r in results]), y)
+        readout_step(net.readout, ro_opt, net.readout_features([r.h_pos for r in results]), y)
     return results
 
 

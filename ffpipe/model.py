@@ -105,9 +105,10 @@ class FFNet(nn.Module):
         return self.label_goodness(x, value)
 
 
-def readout_step(net: FFNet, optimizer: torch.optim.Optimizer, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One step of the linear readout on detached FF activities (no gradient reaches the FF layers)."""
-    logits = net.readout(features.detach())
+def readout_step(readout: nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One step of the linear readout (the in-process net's, or the sink's) on detached FF activities (no gradient
+    reaches the FF layers). Refuses a non-finite loss before the step (`NonFiniteLoss`)."""
+    logits = readout(features.detach())
     loss = F.cross_entropy(logits, labels)
     if loss.device.type == "cpu" and not torch.isfinite(loss):  # refused before the step, as by a layer's update
         raise NonFiniteLoss("the readout's loss is not finite: the layers' outputs hold NaN or Inf (diverged? a lower --lr may help)")

@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import zmq
 from torch import nn
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import Diverged, make_optimizer, out_widths, set_lr
+from ffpipe.layer import Diverged, NonFiniteLoss, make_optimizer, out_widths, set_lr
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
+from ffpipe.model import readout_step
 from ffpipe.progress import RunProgress
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, WireError, parse_shape
@@ -174,15 +174,11 @@ class Sink:
             self.epoch = msg.epoch
             r = self.cfg.readout_optim
             set_lr(self.readout_opt, r.lr * ff.lr_factor(msg.epoch, self.cfg.epochs, r.schedule))
-        logits = self.readout(feats)
-        loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):  # on features as the layers send them (finite, in range), a healthy readout's is
+        try:
+            return readout_step(self.readout, self.readout_opt, feats, y)
+        except NonFiniteLoss:  # on features as the layers send them (finite, in range), a healthy readout's is finite
             raise Diverged(f"the sink's readout has diverged: its loss on train batch {msg.scalars.get('batch')} is not "
-                           "finite (a lower --readout-lr may help)")
-        self.readout_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.readout_opt.step()
-        return logits.detach()
+                           "finite (a lower --readout-lr may help)") from None
 
     # ---- message handlers
 
