@@ -146,6 +146,7 @@ def ff_inprocess(spec: dict, out: Path, ready=None) -> dict:
             ready()
 
     record = timed_steps(spec, step, len(data.train), gen, device, timing_starts)
+    inprocess.check_skipped(opts, ro_opt)  # a run that diverged (off the CPU, counted on the device) is no figure
     if device.type == "cpu":  # each layer's local update per batch, as ff-pipeline's layers report theirs
         timed = spec["steps"] - spec["warmup"]
         record["processes"]["main"]["update_ms"] = [round(s / timed * 1000, 3) for s in layer_s]

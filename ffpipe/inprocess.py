@@ -17,7 +17,7 @@ import torch
 from ffpipe import checkpoint, ff
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
-from ffpipe.layer import RESUME_OLD_LAYOUT, NonFiniteLoss, local_update, make_optimizer, set_compute, set_lr
+from ffpipe.layer import RESUME_OLD_LAYOUT, NonFiniteLoss, local_update, make_optimizer, set_compute, set_lr, skipped_steps
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import FFNet, evaluate, readout_step
 from ffpipe.progress import RunProgress
@@ -52,9 +52,12 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
     if cfg.uses_readout and only_layer is None and not cfg.competitive:
         with torch.no_grad():
             acts = net.activities(ff.overlay(x, None, c, value))
-        logits = readout_step(net.readout, ro_opt, net.readout_features(acts), y)
+        logits = readout_step(net.readout, ro_opt, net.readout_features(acts), y, read_after=False)
     if cfg.negatives == "hard" and logits is not None:
-        neg = ff.hard_wrong_labels(logits.cpu(), labels, gen)
+        logits = logits.cpu()  # (a host sync, as every hard-negative draw is)
+        if not torch.isfinite(logits).all():  # off the CPU the readout's step on them was skipped: stop here
+            check_skipped(opts, ro_opt)
+        neg = ff.hard_wrong_labels(logits, labels, gen)
     else:
         neg = ff.random_wrong_labels(labels, c, gen)
     if cfg.competitive:  # no overlay, no negatives (drawn all the same, so the pipeline's generator stays in step)
@@ -69,7 +72,7 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
             continue
         t0 = time.perf_counter()
         try:
-            r = local_update(layer, opt, x_pos, x_neg, y)
+            r = local_update(layer, opt, x_pos, x_neg, y, read_after=False)
         except NonFiniteLoss as e:  # diverged (or NaN in the data): stop with the last checkpoint as it was
             raise NonFiniteLoss(f"layer {i}: {e} (a lower --lr may help)") from None
         if layer_s is not None:
@@ -81,8 +84,18 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
     if cfg.competitive and cfg.uses_readout and only_layer is None:
         # the competitive loss's pass is the readout's: each layer's outputs before its update, as a pipeline
         # stage appends them (no second pass); the readout trains on them after the layers, which changes nothing
-        readout_step(net.readout, ro_opt, net.readout_features([r.h_pos for r in results]), y)
+        readout_step(net.readout, ro_opt, net.readout_features([r.h_pos for r in results]), y, read_after=False)
     return results
+
+
+def check_skipped(opts, ro_opt) -> None:
+    """Off the CPU a step whose loss is not finite is skipped on the device and only counted there (no host sync per
+    step, see `layer.step_if_finite`): read the counts, and stop the run if any step was skipped. Before anything is
+    logged, evaluated or saved; a skipped batch is never passed over in silence."""
+    counts = [(f"layer {i}", skipped_steps(o)) for i, o in enumerate(opts)] + [("the readout", skipped_steps(ro_opt))]
+    if bad := [f"{who} ({n} step{'s' * (n > 1)})" for who, n in counts if n]:
+        raise NonFiniteLoss(f"{', '.join(bad)}: the loss was not finite, and the device skipped those steps: the batches hold "
+                            "NaN or Inf, or the net has diverged; the last checkpoint is as it was (a lower --lr may help)")
 
 
 def checkpoint_payload(net: FFNet, opts, ro_opt, data: Data, epoch: int, batches: int, phase: int = 0,
@@ -162,7 +175,8 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
                     results = train_step(net, opts, ro_opt, images, data.train.y[idx], gen, only_layer=phase)
                     batches_done += 1
                     samples_done += len(idx)
-                    if batches_done % cfg.log_every == 0 or b == batches_per_epoch - 1:
+                    if batches_done % cfg.log_every == 0 or b == batches_per_epoch - 1:  # (every epoch's end)
+                        check_skipped(opts, ro_opt)
                         elapsed = train_s + time.perf_counter() - t0
                         first = 0 if phase is None else phase
                         for j, r in enumerate(results):

@@ -170,9 +170,9 @@ RESUME_OLD_LAYOUT = ("written by an earlier ffpipe whose locally connected layer
 
 
 class NonFiniteLoss(ValueError):
-    """A layer's loss on a batch is NaN or infinite (checked on the CPU); nothing was changed. A NaN or an Inf
-    anywhere in a batch's inputs reaches the loss: normalizing makes the whole row NaN (`ff.normalize`), every
-    unit reads some of its row, and products, sums, ReLU and max pooling pass NaN on; so this check, on one
+    """A layer's (or a readout's) loss on a batch is NaN or infinite; nothing was changed (`step_if_finite`). A NaN
+    or an Inf anywhere in a batch's inputs reaches the loss: normalizing makes the whole row NaN (`ff.normalize`),
+    every unit reads some of its row, and products, sums, ReLU and max pooling pass NaN on; so this check, on one
     number, stands in for a pass over the inputs."""
 
 
@@ -240,12 +240,9 @@ class _FFBase(nn.Module):
             m = self.cfg.peer_momentum
             running = self.running_mean.detach() * m + h_pos.mean(dim=0) * (1 - m)  # (H,), grad through this batch
             loss = loss + self.cfg.peer_norm * ff.peer_loss(running)
-        # before anything changes, the batch is refused as it came. On the CPU only: on a GPU the check would stall
-        # every step (a host sync), and a GPU worker checks its inputs on decoding instead
-        if loss.device.type == "cpu" and not torch.isfinite(loss):
-            raise NonFiniteLoss("the loss is not finite: the batch holds NaN or Inf, or the layer has diverged")
-        if self.cfg.peer_norm > 0:
-            self.running_mean.copy_(running.detach())
+            # kept only if the whole loss is finite (a batch `step_if_finite` refuses changes nothing), without
+            # reading the loss here: on a GPU that would stall the step
+            self.running_mean.copy_(torch.where(torch.isfinite(loss), running.detach(), self.running_mean))
         return loss, g_pos, g_neg
 
 
@@ -433,21 +430,66 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.name!r} (expected 'adam' or 'sgd')")
 
 
+# Device types where `step_if_finite` reads the loss before the step. Elsewhere (a GPU) reading it there would stall
+# every step, so a fused optimizer skips the step on the device instead. Tests empty it to run that path on the CPU.
+READ_LOSS_FIRST = ("cpu",)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` can skip itself on the device when told the loss is not finite (`found_inf`, as
+    torch's GradScaler tells it): torch's fused Adam and SGD can, except fused SGD with momentum before its buffers
+    exist (a skipped first step leaves the new buffers uninitialised, torch 2.14: the next step then reads garbage)."""
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            return False
+        if group.get("momentum") and any("momentum_buffer" not in optimizer.state.get(p, {}) for p in group["params"]):
+            return False
+    return True
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor, refusal: str, read_after: bool = True) -> None:
+    """zero_grad, backward and step, unless the loss is NaN or infinite: then `NonFiniteLoss(refusal)`, with the
+    parameters and the optimizer's state as they were. On the CPU the loss is read before the backward pass. On a
+    GPU that read would stall the step (a host sync between backward and step), so the fused optimizer is told to
+    skip the step on the device (`found_inf`, whose skip also sets Adam's step count back) and the loss is read
+    after it, when the device is done anyway (a pipeline worker reads the loss for its metrics then). With
+    `read_after=False` not even then: the skipped step is counted on the device, and the caller reads the count
+    (`skipped_steps`) when it syncs anyway, and must before it saves or reports anything."""
+    finite = torch.isfinite(loss)
+    on_device = loss.device.type not in READ_LOSS_FIRST and _skips_on_device(optimizer)
+    if not on_device and not finite:
+        raise NonFiniteLoss(refusal)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if on_device:
+        optimizer.found_inf = (~finite).float()
+    optimizer.step()
+    if on_device and read_after and not finite:
+        raise NonFiniteLoss(refusal)
+    if on_device and not read_after:
+        optimizer.skipped = getattr(optimizer, "skipped", 0) + optimizer.found_inf  # a device tensor: no sync
+
+
+def skipped_steps(optimizer: torch.optim.Optimizer) -> int:
+    """How many steps `step_if_finite(..., read_after=False)` skipped on the device since the last call (a host
+    sync), and start counting again."""
+    n, optimizer.skipped = getattr(optimizer, "skipped", 0), 0
+    return int(n)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
 def local_update(layer: _FFBase, optimizer: torch.optim.Optimizer, x_pos: torch.Tensor, x_neg: torch.Tensor | None,
-                 labels: torch.Tensor | None = None) -> StepResult:
+                 labels: torch.Tensor | None = None, read_after: bool = True) -> StepResult:
     """One optimizer step on this layer alone, then its detached outputs. Nothing else is kept.
-    The competitive loss takes `labels` and no negatives (x_neg None)."""
+    The competitive loss takes `labels` and no negatives (x_neg None). A non-finite loss: `step_if_finite`."""
     b = x_pos.shape[0]
     h = layer(x_pos if x_neg is None else torch.cat([x_pos, x_neg]))  # (2B, H): one matmul for both halves
     h_pos, h_neg = h[:b], (None if x_neg is None else h[b:])
     loss, g_pos, g_neg = layer.objective(h_pos, h_neg, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    step_if_finite(optimizer, loss, "the loss is not finite: the batch holds NaN or Inf, or the layer has diverged", read_after)
     h = h.detach()
     return StepResult(h[:b], None if x_neg is None else h[b:], loss.detach(), g_pos.detach().mean(), g_neg.detach().mean())

@@ -14,7 +14,7 @@ from torch import nn
 from ffpipe import ff
 from ffpipe.config import RunConfig
 from ffpipe.data import equalize
-from ffpipe.layer import NonFiniteLoss, build_layer, check_net
+from ffpipe.layer import build_layer, check_net, step_if_finite
 
 
 def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool,
@@ -105,16 +105,14 @@ class FFNet(nn.Module):
         return self.label_goodness(x, value)
 
 
-def readout_step(readout: nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def readout_step(readout: nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor, labels: torch.Tensor,
+                 read_after: bool = True) -> torch.Tensor:
     """One step of the linear readout (the in-process net's, or the sink's) on detached FF activities (no gradient
-    reaches the FF layers). Refuses a non-finite loss before the step (`NonFiniteLoss`)."""
+    reaches the FF layers). Refuses a non-finite loss with nothing changed (`NonFiniteLoss`, `step_if_finite`)."""
     logits = readout(features.detach())
     loss = F.cross_entropy(logits, labels)
-    if loss.device.type == "cpu" and not torch.isfinite(loss):  # refused before the step, as by a layer's update
-        raise NonFiniteLoss("the readout's loss is not finite: the layers' outputs hold NaN or Inf (diverged? a lower --lr may help)")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    step_if_finite(optimizer, loss, "the readout's loss is not finite: the layers' outputs hold NaN or Inf (diverged? a lower --lr may help)",
+                   read_after)
     return logits.detach()
 
 

@@ -16,10 +16,10 @@ eval:  add this layer's goodness for every (image, label) to the accumulator the
 gap:   forwarded as it is.
 stop:  checkpoint, add this layer's counts to the message, forward, exit.
 Nothing is kept per batch. A malformed message is logged, counted and reported downstream at stop.
-A NaN or an Inf is refused like any malformed message. On the CPU the inputs of the update (x, x_pos, x_neg
-of a train batch) are checked by its loss, which they reach (`NonFiniteLoss`), instead of by a pass of their
-own on decoding (a third of a wide layer's wire time); every other tensor, a batch only forwarded, and on a
-GPU everything, on decoding (a check of the loss there would stall every step).
+A NaN or an Inf is refused like any malformed message. The inputs of the update (x, x_pos, x_neg of a train
+batch) are checked by its loss, which they reach (`NonFiniteLoss`, on a GPU without stalling the step: see
+`layer.step_if_finite`), instead of by a pass of their own on decoding (a third of a wide layer's wire time);
+every other tensor, and a batch only forwarded, on decoding.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted 
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
 MAX_CLASSES = 100_000
 ACTIVATIONS = ("x_pos", "x_neg", "x_neu", "x_all")  # what a layer hands the next layer, and the sink never reads
-UPDATE_INPUTS = ("x", "x_pos", "x_neg")  # a train batch's tensors that the update's loss checks for NaN and Inf (CPU)
+UPDATE_INPUTS = ("x", "x_pos", "x_neg")  # a train batch's tensors that the update's loss checks for NaN and Inf
 FORWARDED = {"train": ("total", "classes", "batch", "shape"),
              "eval": ("split", "round", "batches", "part", "classes", "final", "after", "shape")}
 
@@ -419,7 +419,7 @@ class Worker:
                     if msg is None:
                         idle.tick(POLL_MS)
                         continue
-                    check_finite(msg.tensors, UPDATE_INPUTS if msg.kind == "train" and self.device.type == "cpu" else ())
+                    check_finite(msg.tensors, UPDATE_INPUTS if msg.kind == "train" else ())
                     idle.reset()
                     if msg.kind == "stop":
                         break

@@ -1,6 +1,7 @@
 """The in-process trainer: it learns, it is deterministic, it writes the run folder."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -112,3 +113,24 @@ def test_a_diverging_run_stops_with_a_clear_error_instead_of_training_on_nan(tmp
                                  optim=dict(lr=1e30))  # the weights overflow in a step or two
     with pytest.raises(NonFiniteLoss, match=message):
         inprocess.train(cfg, digits, show_progress=False)
+
+
+@pytest.mark.parametrize("negatives, predict, first", [("random", "goodness", "layer 0"),
+                                                       ("hard", "readout", "the readout")])  # its neutral pass comes first
+def test_a_run_whose_steps_the_device_skips_stops_before_it_logs_or_saves(tmp_path, digits, monkeypatch, negatives, predict, first):
+    """As on a GPU (run here with the CPU's fused kernels): a step whose loss is not finite is skipped on the device
+    and counted there, without a host sync per step; the run reads the counts before it logs, evaluates or saves,
+    and stops with one line. Whatever it saved holds no NaN."""
+    from ffpipe import layer
+    from ffpipe.layer import NonFiniteLoss
+
+    monkeypatch.setattr(layer, "READ_LOSS_FIRST", ())
+    cfg = config.override_nested(_cfg(tmp_path, epochs=1, negatives=negatives, predict=predict),
+                                 optim=dict(name="adam", lr=1e30), readout_optim=dict(name="adam"))
+    with pytest.raises(NonFiniteLoss) as refused:
+        inprocess.train(cfg, digits, show_progress=False)
+    assert refused.value.args[0].startswith(first), refused.value
+    assert re.fullmatch(r"((layer \d|the readout) \(\d+ steps?\)(, |: ))+the loss was not finite, and the device skipped those "
+                        r"steps: .*\(a lower --lr may help\)", refused.value.args[0]), refused.value
+    saved = tmp_path / "run" / checkpoint.FILENAME
+    assert not saved.exists() or all(torch.isfinite(v).all() for v in checkpoint.load(saved)["model"].values())

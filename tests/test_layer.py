@@ -283,11 +283,28 @@ NONFINITE_CASES = [(1, 12, (2, 4, 4), "threshold", "standard"), (1, 12, (2, 4, 4
                    (1, "lc4k3p3", (1, 8, 8), "threshold", "full"), (1, "lc4k1s2", (1, 6, 6), "symba", "standard")]
 
 
+@pytest.fixture(params=["loss read first", "step skipped on the device"])
+def loss_check(request, monkeypatch):
+    """How `step_if_finite` refuses a non-finite loss: read before the step (the CPU), or, as on a GPU, by the fused
+    optimizer skipping the step on the device and the loss read after it (run here with the CPU's fused kernels)."""
+    from ffpipe import layer as layer_module
+
+    if request.param == "step skipped on the device":
+        monkeypatch.setattr(layer_module, "READ_LOSS_FIRST", ())
+    return request.param
+
+
+def _assert_path_taken(opt, loss_check):
+    """The optimizer was told of the loss on the device exactly when that path was under test."""
+    assert hasattr(opt, "found_inf") == (loss_check == "step skipped on the device")
+
+
 @pytest.mark.parametrize("index, spec, shape, loss, relu_grad", NONFINITE_CASES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_nothing(index, spec, shape, loss, relu_grad, bad):
+def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_nothing(index, spec, shape, loss, relu_grad, bad,
+                                                                                       loss_check):
     """What lets a pipeline layer skip a pass over its inputs on decoding: one NaN or Inf, at any position of
-    either half of the batch, makes the loss non-finite, and local_update refuses it before changing anything
+    either half of the batch, makes the loss non-finite, and local_update refuses it without changing anything
     (weights, optimizer state, the peer-norm mean the objective updates)."""
     import copy
     import math
@@ -313,13 +330,15 @@ def test_a_nan_or_inf_anywhere_in_a_batch_is_refused_by_the_loss_and_changes_not
     for key, value in weights.items():
         assert torch.equal(layer.state_dict()[key], value), key
     assert_close(opt.state_dict(), state, rtol=0, atol=0)
+    _assert_path_taken(opt, loss_check)
     local_update(layer, opt, x_pos, None if competitive else x_neg, y)  # and it goes on learning
     assert all(torch.isfinite(v).all() for v in layer.state_dict().values())
+    assert int(opt.state_dict()["state"][0]["step"]) == 2  # the refused steps did not count
 
 
-def test_a_loss_only_its_peer_norm_term_makes_infinite_is_refused_before_the_running_mean_moves():
+def test_a_loss_only_its_peer_norm_term_makes_infinite_is_refused_before_the_running_mean_moves(loss_check):
     """A diverged layer: positives overflow their goodness (whose loss term is then 0), negatives are off, so only
-    the peer-norm term is infinite. The check covers the whole loss, before the running mean is written."""
+    the peer-norm term is infinite. The check covers the whole loss, and the running mean keeps its value."""
     import copy
 
     from ffpipe.layer import NonFiniteLoss
@@ -334,7 +353,64 @@ def test_a_loss_only_its_peer_norm_term_makes_infinite_is_refused_before_the_run
         h_pos, h_neg = layer(x_pos), layer(x_neg)
         assert torch.isfinite(ff.threshold_loss(layer.goodness(h_pos), layer.goodness(h_neg), layer.threshold))
     before = copy.deepcopy(layer.state_dict())
+    opt = make_optimizer(layer.parameters(), OptimConfig(name="adam"))
     with pytest.raises(NonFiniteLoss):
-        local_update(layer, make_optimizer(layer.parameters(), OptimConfig()), x_pos, x_neg)
+        local_update(layer, opt, x_pos, x_neg)
     for key, value in before.items():
         assert torch.equal(layer.state_dict()[key], value), key
+    _assert_path_taken(opt, loss_check)
+
+
+def test_sgd_with_momentum_reads_the_loss_first_until_its_buffers_exist(monkeypatch):
+    """torch's fused SGD skipping its first step on the device leaves the momentum buffers it has just made
+    uninitialised, and the next step reads them. So until they exist the loss is read before the step, even where
+    the step could be skipped on the device; after that the device skips it."""
+    import copy
+
+    from ffpipe import layer as layer_module
+    from ffpipe.layer import NonFiniteLoss, _skips_on_device
+
+    monkeypatch.setattr(layer_module, "READ_LOSS_FIRST", ())
+    cfg = OptimConfig(name="sgd", lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x_pos, x_neg = torch.rand(4, 6, generator=gen), torch.rand(4, 6, generator=gen)
+    nan = x_pos.clone()
+    nan[1, 2] = float("nan")
+    layer = FFLayer(6, 5, LayerConfig(peer_norm=0.0))
+    reference = copy.deepcopy(layer)
+    opt, ref_opt = make_optimizer(layer.parameters(), cfg), make_optimizer(reference.parameters(), cfg)
+    assert not _skips_on_device(opt)
+    with pytest.raises(NonFiniteLoss):
+        local_update(layer, opt, nan, x_neg)
+    assert not hasattr(opt, "found_inf") and not opt.state  # read first: no buffers were made
+    for o, l in ((opt, layer), (ref_opt, reference)):
+        local_update(l, o, x_pos, x_neg)
+        local_update(l, o, x_neg, x_pos)
+    assert _skips_on_device(opt)
+    with pytest.raises(NonFiniteLoss):
+        local_update(layer, opt, nan, x_neg)
+    assert hasattr(opt, "found_inf")  # skipped on the device
+    local_update(layer, opt, x_pos, x_neg)
+    local_update(reference, ref_opt, x_pos, x_neg)
+    for key, value in reference.state_dict().items():
+        assert_close(layer.state_dict()[key], value, rtol=0, atol=0)
+    assert_close(opt.state_dict(), ref_opt.state_dict(), rtol=0, atol=0)
+
+
+def test_the_readout_refuses_a_non_finite_loss_and_changes_nothing(loss_check):
+    import copy
+
+    from ffpipe.layer import NonFiniteLoss
+    from ffpipe.model import readout_step
+
+    readout = torch.nn.Linear(6, 3, bias=False)
+    opt = make_optimizer(readout.parameters(), OptimConfig(name="adam", lr=0.1))
+    feats, y = torch.rand(4, 6), torch.tensor([0, 1, 2, 0])
+    readout_step(readout, opt, feats, y)
+    weights, state = copy.deepcopy(readout.state_dict()), copy.deepcopy(opt.state_dict())
+    feats[2, 3] = float("inf")
+    with pytest.raises(NonFiniteLoss, match="readout's loss is not finite"):
+        readout_step(readout, opt, feats, y)
+    assert_close(readout.state_dict(), weights, rtol=0, atol=0)
+    assert_close(opt.state_dict(), state, rtol=0, atol=0)
+    _assert_path_taken(opt, loss_check)

@@ -13,10 +13,16 @@ from ffpipe.topology import Topology
 from ffpipe.wire import Message
 
 
-@pytest.fixture
-def worker_link(tmp_path):
-    """Layer 0 of a two-layer net served by a Worker thread; yields (cfg, push into it, pull from it)."""
+@pytest.fixture(params=["loss read first", "step skipped on the device"])
+def worker_link(request, tmp_path, monkeypatch):
+    """Layer 0 of a two-layer net served by a Worker thread; yields (cfg, push into it, pull from it). Twice: as on
+    the CPU, and with the update's non-finite loss skipped by the optimizer on the device as on a GPU (whose path
+    this runs with the CPU's fused kernels)."""
+    from ffpipe import layer
     from ffpipe.worker import Worker
+
+    if request.param == "step skipped on the device":
+        monkeypatch.setattr(layer, "READ_LOSS_FIRST", ())
 
     cfg = config.preset("quick", layers=(16, 8), epochs=1, negatives="random", out=str(tmp_path))
     topo = Topology.local(2)
