@@ -2,7 +2,8 @@
 # Everything this project needs a GPU for, in ONE call of under 10 minutes on one lent H100/H200 (a session is lent
 # 15 minutes of device time in all, start included, so there is one shot). Two phases:
 #   A (quiet machine, ~3 min): `ffpipe bench` on the GPU: ff-inprocess, ff-pipeline and bp-inprocess at 1, 2 and 4
-#     stages of 4096 units, batch 1024, every stage on the one card (bench issue); data decoded meanwhile (CPU).
+#     stages of 4096 units, batch 1024, every stage on the one card (bench issue); data decoded meanwhile (CPU);
+#     then scripts/gpu_finite_check.py (a NaN batch refused on the device, a few seconds).
 #   B (~5 min, runs side by side on the one GPU and 16 cores, so wall times are upper bounds):
 #     check-*/        the hinton preset on MNIST, pipelined on cuda, then in-process on cuda (pipeline issue)
 #     seed-*/         the seed report's recipe (`seed` preset) on MNIST, FER2013 and CIFAR-10 (results issue)
@@ -75,6 +76,8 @@ timeout -k 10 200 python3 -m ffpipe bench --synthetic --devices "$DEV" "${bench_
   --variants ff-inprocess,ff-pipeline,bp-inprocess --out "$R/bench" > "$R/bench.log" 2>&1
 echo "[$SECONDS s] bench: exit $?"; cat "$R/bench/bench.md" 2>/dev/null | head -30
 wait $decode; cat "$R/decode.log"
+# a NaN batch refused on the GPU without a host sync before the step (the path the CPU tests run with CPU kernels)
+timeout 60 python3 scripts/gpu_finite_check.py --device "$DEV" $([ "$DRY" = 1 ] && echo --as-gpu) 2>&1 | tee "$R/finite-check.log"
 pack
 
 # ---- phase B: every accuracy run side by side. The first GPU session (results/gpu-h200) ran the conv recipes on

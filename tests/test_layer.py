@@ -414,3 +414,17 @@ def test_the_readout_refuses_a_non_finite_loss_and_changes_nothing(loss_check):
     assert_close(readout.state_dict(), weights, rtol=0, atol=0)
     assert_close(opt.state_dict(), state, rtol=0, atol=0)
     _assert_path_taken(opt, loss_check)
+
+
+def test_the_gpu_finite_check_script_passes_on_the_device_path_and_fails_on_the_other():
+    """scripts/gpu_finite_check.py, which scripts/gpu_session.sh runs on a lent GPU, on the CPU: with --as-gpu it
+    takes the device path and passes; without, the CPU reads the loss first, which the script must report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_finite_check.py"
+    ok = subprocess.run([sys.executable, str(script), "--device", "cpu", "--as-gpu"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.count(": ok") == 4, ok.stdout + ok.stderr
+    other = subprocess.run([sys.executable, str(script), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and other.stdout.count("FAILED: the loss was read before the step") == 4, other.stdout
