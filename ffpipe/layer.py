@@ -461,8 +461,7 @@ def step_if_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor, refusal
         raise NonFiniteLoss(refusal)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if on_device:
-        optimizer.found_inf = (~finite).float()
+    optimizer.found_inf = (~finite).float() if on_device else None  # never a stale one from an earlier step
     optimizer.step()
     if on_device and read_after and not finite:
         raise NonFiniteLoss(refusal)

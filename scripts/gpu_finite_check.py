@@ -16,7 +16,7 @@ import torch
 
 from ffpipe import layer as layer_module
 from ffpipe.config import LayerConfig, OptimConfig
-from ffpipe.layer import NonFiniteLoss, build_layer, local_update, make_optimizer
+from ffpipe.layer import NonFiniteLoss, build_layer, local_update, make_optimizer, skipped_steps
 
 
 def case(spec, shape, loss: str, optim: str, device: str) -> str:
@@ -39,7 +39,7 @@ def case(spec, shape, loss: str, optim: str, device: str) -> str:
         return "FAILED: the NaN batch was not refused"
     except NonFiniteLoss:
         pass
-    if not hasattr(opt, "found_inf"):
+    if getattr(opt, "found_inf", None) is None:
         return "FAILED: the loss was read before the step (not the device path)"
     same = all(torch.equal(layer.state_dict()[k], v) for k, v in weights.items())
     for p, s in state["state"].items():
@@ -50,6 +50,39 @@ def case(spec, shape, loss: str, optim: str, device: str) -> str:
     local_update(layer, opt, x_pos, neg, y)
     if not all(torch.isfinite(v).all() for v in layer.state_dict().values()):
         return "FAILED: not finite after the next step"
+    return "ok"
+
+
+def counted(device: str) -> str:
+    """The in-process trainer's way (`read_after=False`): steps skipped on the device are only counted there, with no
+    host sync in a step (on a GPU, torch's sync debug mode raises on one), and read afterwards by `skipped_steps`."""
+    torch.manual_seed(0)
+    layer = build_layer(1, 64, (32,), LayerConfig(peer_norm=0.03), seed=0, num_classes=4).to(device)
+    opt = make_optimizer(layer.parameters(), OptimConfig(name="adam", lr=1e-2))
+    x_pos, x_neg = torch.rand(8, 32, device=device), torch.rand(8, 32, device=device)
+    bad = x_pos.clone()
+    bad[2, 5] = float("nan")
+    local_update(layer, opt, x_pos, x_neg)
+    weights = copy.deepcopy(layer.state_dict())
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            local_update(layer, opt, bad, x_neg, read_after=False)
+    except NonFiniteLoss:
+        return "FAILED: the loss was read before the step (not the device path)"
+    except RuntimeError as e:
+        return f"FAILED: a host sync in a step ({e})"
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    n = skipped_steps(opt)
+    if n != 3:
+        return f"FAILED: {n} skipped steps counted, not 3"
+    if not all(torch.equal(layer.state_dict()[k], v) for k, v in weights.items()):
+        return "FAILED: a skipped step changed the weights"
     return "ok"
 
 
@@ -66,6 +99,9 @@ def main() -> int:
         result = case(spec, shape, loss, optim, args.device)
         failed += result != "ok"
         print(f"finite check on {args.device}: {spec} {loss} {optim}: {result}", flush=True)
+    result = counted(args.device)
+    failed += result != "ok"
+    print(f"finite check on {args.device}: steps skipped and counted on the device (in-process): {result}", flush=True)
     return 1 if failed else 0
 
 

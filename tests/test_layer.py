@@ -296,7 +296,7 @@ def loss_check(request, monkeypatch):
 
 def _assert_path_taken(opt, loss_check):
     """The optimizer was told of the loss on the device exactly when that path was under test."""
-    assert hasattr(opt, "found_inf") == (loss_check == "step skipped on the device")
+    assert (getattr(opt, "found_inf", None) is not None) == (loss_check == "step skipped on the device")
 
 
 @pytest.mark.parametrize("index, spec, shape, loss, relu_grad", NONFINITE_CASES)
@@ -382,19 +382,38 @@ def test_sgd_with_momentum_reads_the_loss_first_until_its_buffers_exist(monkeypa
     assert not _skips_on_device(opt)
     with pytest.raises(NonFiniteLoss):
         local_update(layer, opt, nan, x_neg)
-    assert not hasattr(opt, "found_inf") and not opt.state  # read first: no buffers were made
+    assert getattr(opt, "found_inf", None) is None and not opt.state  # read first: no buffers were made
     for o, l in ((opt, layer), (ref_opt, reference)):
         local_update(l, o, x_pos, x_neg)
         local_update(l, o, x_neg, x_pos)
     assert _skips_on_device(opt)
     with pytest.raises(NonFiniteLoss):
         local_update(layer, opt, nan, x_neg)
-    assert hasattr(opt, "found_inf")  # skipped on the device
+    assert getattr(opt, "found_inf", None) is not None  # skipped on the device
     local_update(layer, opt, x_pos, x_neg)
     local_update(reference, ref_opt, x_pos, x_neg)
     for key, value in reference.state_dict().items():
         assert_close(layer.state_dict()[key], value, rtol=0, atol=0)
     assert_close(opt.state_dict(), ref_opt.state_dict(), rtol=0, atol=0)
+
+
+def test_a_step_after_a_device_side_refusal_is_not_skipped_by_its_stale_flag(monkeypatch):
+    """The flag a refused step left on the optimizer must not skip the next step, whichever path that one takes."""
+    from ffpipe import layer as layer_module
+    from ffpipe.layer import NonFiniteLoss
+
+    layer = FFLayer(6, 5, LayerConfig(peer_norm=0.0))
+    opt = make_optimizer(layer.parameters(), OptimConfig(name="adam", lr=0.1))
+    x_pos, x_neg = torch.rand(4, 6), torch.rand(4, 6)
+    monkeypatch.setattr(layer_module, "READ_LOSS_FIRST", ())
+    local_update(layer, opt, x_pos, x_neg)
+    with pytest.raises(NonFiniteLoss):
+        local_update(layer, opt, x_pos * float("nan"), x_neg)
+    monkeypatch.setattr(layer_module, "READ_LOSS_FIRST", ("cpu",))
+    before = layer.linear.weight.detach().clone()
+    local_update(layer, opt, x_pos, x_neg)
+    assert not torch.equal(layer.linear.weight, before)
+    assert int(opt.state_dict()["state"][0]["step"]) == 2
 
 
 def test_the_readout_refuses_a_non_finite_loss_and_changes_nothing(loss_check):
@@ -425,6 +444,6 @@ def test_the_gpu_finite_check_script_passes_on_the_device_path_and_fails_on_the_
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_finite_check.py"
     ok = subprocess.run([sys.executable, str(script), "--device", "cpu", "--as-gpu"], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and ok.stdout.count(": ok") == 4, ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stdout.count(": ok") == 5, ok.stdout + ok.stderr
     other = subprocess.run([sys.executable, str(script), "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert other.returncode == 1 and other.stdout.count("FAILED: the loss was read before the step") == 4, other.stdout
+    assert other.returncode == 1 and other.stdout.count("FAILED: the loss was read before the step") == 5, other.stdout
