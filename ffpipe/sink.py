@@ -10,9 +10,10 @@ message, which carries each role's counts and peak memory.
 The sink takes the stream in order, each stream number once: a number it has already taken is a duplicate
 (the source resending), one past a gap is dropped and the gap reported to the source, which resends. It
 confirms what it has taken (`next`) a few times a second, and what is durable: when every layer's
-checkpoint has moved on (the layers report it in-band), and after each evaluation round, it saves its own
-state (sink.pt: readout, counts, history, the length of metrics.jsonl) and confirms `durable_next` and
-`durable_batch`, below which the source can forget. A restarted sink continues from sink.pt.
+checkpoint has moved on (the layers report it in-band, in resent batches too), when it has taken another
+checkpoint interval of batches the layers hold (a restarted sink catching up), and after each evaluation
+round, it saves its own state (sink.pt: readout, counts, history, the length of metrics.jsonl) and confirms
+`durable_next` and `durable_batch`, below which the source can forget. A restarted sink continues from sink.pt.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Sink:
         self.last_batch = 0  # the last train batch number taken
         self.durable_next, self.durable_batch = 0, 0  # what sink.pt and every layer checkpoint hold
         self.layers_durable = 0
+        self.saved_through = 0  # the last train batch that sink.pt and every layer checkpoint hold (the source forgets it)
         self.duplicates = self.out_of_order = 0
         self.metrics_bytes = 0  # length of metrics.jsonl when sink.pt was saved
         self.wall_before = 0.0  # wall time of the run before this process (restart, resume)
@@ -102,6 +104,7 @@ class Sink:
                 self.readout_opt.load_state_dict(p["optimizer"])
             self.expected, self.last_batch = p["expected"], p["last_batch"]
             self.durable_next, self.durable_batch, self.layers_durable = p["expected"], p["durable_batch"], p["durable_batch"]
+            self.saved_through = min(p["last_batch"], p["durable_batch"])
             self.received, self.samples, self.epoch = dict(p["received"]), p["samples"], p["epoch"]
             self.history, self.time_to, self.rounds = list(p["history"]), dict(p["time_to"]), dict(p["rounds"])
             self.metrics_bytes, self.wall_before = p["metrics_bytes"], p["wall_s"]
@@ -123,6 +126,16 @@ class Sink:
             "optimizer": self.readout_opt.state_dict() if self.readout_opt is not None else None,
         })
         self.durable_next, self.durable_batch = self.expected, self.layers_durable
+        self.saved_through = min(self.last_batch, self.layers_durable)
+
+    def _layers_report(self, msg: Message) -> bool:
+        """Take the batch every layer's checkpoint holds from a train message's scalars; True if it moved. Any train
+        message tells it, one the sink holds already too: a resent batch carries the layers' newest."""
+        durable = [msg.scalars.get(f"durable.{i}") for i in range(len(self.cfg.layers))]
+        if all(isinstance(d, int) and not isinstance(d, bool) for d in durable) and min(durable) > self.layers_durable:
+            self.layers_durable = min(durable)
+            return True
+        return False
 
     def elapsed(self) -> float:
         return self.wall_before + time.perf_counter() - self.t0
@@ -310,9 +323,13 @@ class Sink:
             self.on_train(msg, metrics, control if self.cfg.hard_negatives else None, progress)
             self.last_batch = msg.scalars["batch"]
             self.expected += 1
-            durable = [msg.scalars.get(f"durable.{i}") for i in range(len(self.cfg.layers))]
-            if all(isinstance(d, int) for d in durable) and min(durable) > self.layers_durable:
-                self.layers_durable = min(durable)
+            # saved when the layers hold more; and when the sink reaches what they hold, or has taken another
+            # checkpoint interval of it: after a restart the layers can be far ahead, hold no more until new batches
+            # come, and the source sends none until it may forget some (its window is full)
+            moved = self._layers_report(msg)
+            held = min(self.last_batch, self.layers_durable)
+            if moved or (held > self.saved_through and (held == self.layers_durable
+                                                        or held >= self.saved_through + self.cfg.checkpoint_every)):
                 self._save(metrics)
                 self._ack(control, force=True)
         else:
@@ -322,6 +339,14 @@ class Sink:
             if len(self.history) > rounds:  # a round completed: keep it
                 self._save(metrics)
                 self._ack(control, force=True)
+
+    def _duplicate(self, msg: Message, metrics: MetricsWriter, control: zmq.Socket) -> None:
+        """A message the sink holds already (the source resending): not taken again, but what it says of the layers'
+        checkpoints counts (while the source waits to forget, resent batches are the only news of them)."""
+        self.duplicates += 1
+        if msg.kind == "train" and self._layers_report(msg):
+            self._save(metrics)
+            self._ack(control, force=True)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -366,7 +391,7 @@ class Sink:
                         else:
                             self._validate(msg)
                             if msg.seq < self.expected:
-                                self.duplicates += 1
+                                self._duplicate(msg, metrics, control)
                             elif msg.seq > self.expected:
                                 self.out_of_order += 1
                                 self._gap(control)

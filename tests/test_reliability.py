@@ -244,3 +244,72 @@ def test_a_layer_behind_an_evaluation_reports_a_gap_instead_of_evaluating(finish
     assert worker.on_eval(msg).kind == "gap" and worker.out_of_order == 1
     msg.scalars["after"] = 58
     assert worker.on_eval(msg).kind == "eval"
+
+
+@pytest.fixture
+def sink_at_hand(tmp_path):
+    """A Sink of a two-layer run (checkpoints every 10 batches) driven by hand: its `_take` and `_duplicate`, with
+    its acknowledgements read off a PULL where the source would be. Yields (sink, take, duplicate, acks)."""
+    import zmq
+
+    from ffpipe import config, transport
+    from ffpipe.metrics import MetricsWriter
+    from ffpipe.progress import RunProgress
+    from ffpipe.sink import Sink
+    from ffpipe.topology import Topology
+
+    cfg = config.preset("quick", layers=(16, 16), epochs=1, negatives="random", checkpoint_every=10, out=str(tmp_path))
+    topo = Topology.local(2)
+    ctx = zmq.Context()
+    acks = transport.pull(ctx, topo.source.bind_url("127.0.0.1"))
+    control = transport.push(ctx, topo.source.connect_url(), linger_ms=0)
+    sink = Sink(cfg, topo, tmp_path, show_progress=False)
+    sink.t0 = time.perf_counter()  # as `run` starts its clock
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        yield (sink, lambda msg: sink._take(msg, metrics, control, RunProgress(1, enabled=False)),
+               lambda msg: sink._duplicate(msg, metrics, control), acks)
+    control.close()
+    acks.close()
+    ctx.term()
+
+
+def _held(seq: int, layers_hold: int):
+    """Train batch seq + 1 as the last layer forwards it, each layer's checkpoint holding batch `layers_hold`."""
+    import torch
+
+    from ffpipe.wire import Message
+
+    return Message("train", seq, 0, {"total": 500, "classes": 10, "batch": seq + 1, "durable.0": layers_hold,
+                                     "durable.1": layers_hold}, {"y": torch.zeros(4, dtype=torch.long), "idx": torch.arange(4)})
+
+
+def test_a_sink_catching_up_on_layers_far_ahead_lets_the_source_forget_as_it_goes(sink_at_hand):
+    """The hang CI met once: the sink killed and restarted, the layers had run ahead and held batch 170 in their
+    checkpoints; the sink took the resent batches, saved once (when it first heard of 170), and never again, since the
+    layers' 170 did not move; so the source, whose window of unconfirmed batches was full, sent nothing new and
+    resent the same batches for ever. The sink now saves every checkpoint interval of batches it takes that the
+    layers hold."""
+    from ffpipe import checkpoint, transport
+
+    sink, take, _, acks = sink_at_hand
+    for seq in range(70):
+        take(_held(seq, 170))
+    assert sink.durable_batch == 170 and sink.durable_next >= 61  # was 1: saved only at the first batch
+    saved = checkpoint.load(sink.out / "sink.pt")
+    assert saved["expected"] == sink.durable_next and saved["durable_batch"] == 170
+    said = []
+    while (ack := transport.recv(acks, 200)) is not None:
+        said.append(ack.scalars["durable_next"])
+    assert said and max(said) == sink.durable_next  # and the source was told
+
+
+def test_a_resent_batch_tells_the_sink_what_the_layers_hold_now(sink_at_hand):
+    """Resent batches are the only news of the layers' checkpoints while the source waits: a duplicate is not taken
+    again, but the layers' durable batch it carries is saved and confirmed."""
+    sink, take, duplicate, _ = sink_at_hand
+    for seq in range(30):
+        take(_held(seq, 20))
+    assert (sink.durable_next, sink.durable_batch) == (20, 20)  # saved on reaching what the layers hold
+    duplicate(_held(3, 30))
+    assert (sink.durable_next, sink.durable_batch, sink.duplicates) == (30, 30, 1)
+    assert sink.received["train"] == 30  # not taken twice
