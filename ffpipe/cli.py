@@ -171,10 +171,13 @@ def run(
                 err.print(f"ffpipe: interrupted; the last completed epoch is saved: continue with ffpipe run --resume {cfg.out}")
                 raise typer.Exit(130) from None
         else:
+            from ffpipe import checkpoint, security
             from ffpipe.launcher import launch
 
-            from ffpipe import security
-
+            if resume is not None:  # a corrupt checkpoint is named here, before any role starts (each role refuses
+                for path in sorted(resume.glob("layer*.pt")) + [resume / "sink.pt"]:  # it too, but the first role to
+                    if path.is_file():  # die, which the launcher reports, could be another, stopped for another reason)
+                        checkpoint.load(path, map_location="cpu")
             launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None, pin=pin,
                    keys=security.load(keys) if keys else None, restart=restart, max_restarts=max_restarts)
     except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError, Diverged) as e:
