@@ -278,7 +278,8 @@ class Worker:
         out.update(x_pos=r.h_pos, **({} if r.h_neg is None else {"x_neg": r.h_neg}))
         if competitive and "feats" in t:  # outputs before the update, as the in-process trainer's readout reads them
             out["feats"] = self._features(t, r.h_pos, b)
-        scalars.update({f"loss.{self.index}": r.loss.item(), f"g_pos.{self.index}": r.g_pos.item(), f"g_neg.{self.index}": r.g_neg.item()})
+        loss, g_pos, g_neg = torch.stack([r.loss, r.g_pos, r.g_neg]).tolist()  # one read (one sync on a GPU), not three
+        scalars.update({f"loss.{self.index}": loss, f"g_pos.{self.index}": g_pos, f"g_neg.{self.index}": g_neg})
         return Message("train", msg.seq, msg.epoch, scalars, out)
 
     @torch.no_grad()
