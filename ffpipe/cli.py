@@ -105,7 +105,7 @@ def run(
     layer_addrs: Annotated[Optional[str], typer.Option(help="host:port where each layer receives, comma-separated (default 127.0.0.1:5551, :5552, ...).", envvar="FFPIPE_LAYER_ADDRS", rich_help_panel=_PANEL_PIPE)] = None,
     sink_addr: Annotated[str, typer.Option(help="host:port where the sink receives.", envvar="FFPIPE_SINK_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5549",
     keys: Annotated[Optional[Path], typer.Option(help="Encrypt and authenticate every link with the CURVE keys in this folder (`ffpipe keys DIR` makes them).", envvar="FFPIPE_KEYS", rich_help_panel=_PANEL_PIPE)] = None,
-    pin: Annotated[bool, typer.Option("--pin", help="Pin layer i to core i mod n (source with layer 0, sink with the last layer); Linux.", rich_help_panel=_PANEL_PIPE)] = False,
+    pin: Annotated[bool, typer.Option("--pin", help="Pin layer i to core i mod n, the source and the sink to the core whose layers cost least; Linux.", rich_help_panel=_PANEL_PIPE)] = False,
     bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder (its config; flags such as --epochs still override).", rich_help_panel=_PANEL_RUN)] = None,
     restart: Annotated[str, typer.Option(help="Pipeline: no, or on-failure (a role that dies is started again from its checkpoint and the source resends what was lost).", envvar="FFPIPE_RESTART", rich_help_panel=_PANEL_PIPE)] = "no",
@@ -168,7 +168,9 @@ def run(
             try:
                 trainer.train(cfg, data, show_progress=not quiet, resume=state)
             except KeyboardInterrupt:
-                err.print(f"ffpipe: interrupted; the last completed epoch is saved: continue with ffpipe run --resume {cfg.out}")
+                saved = Path(cfg.out) / checkpoint.FILENAME  # saved after each evaluation and at least every 30 s
+                held = f"epoch {checkpoint.load(saved)['epoch']} of {cfg.epochs} is saved" if saved.is_file() else "nothing was saved yet"
+                err.print(f"ffpipe: interrupted; {held}: continue with ffpipe run --resume {cfg.out}")
                 raise typer.Exit(130) from None
         else:
             from ffpipe import checkpoint, security

@@ -160,3 +160,29 @@ def test_presets_and_version():
     result = _run("presets")
     assert result.exit_code == 0 and all(name in result.output for name in ("quick", "hinton", "seed"))
     assert _run("--version").output.startswith("ffpipe ")
+
+
+def test_ctrl_c_stops_an_inprocess_run_and_says_which_epoch_is_saved(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ffpipe import checkpoint
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ffpipe", "run", "--inprocess", "--dataset", "digits", "--layers", "64,64",
+                             "--epochs", "1000", "--eval-every", "1", "--threads", "1", "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / checkpoint.FILENAME).is_file():  # a deadline poll: the first epoch's checkpoint
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no checkpoint in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    saved = checkpoint.load(out / checkpoint.FILENAME)["epoch"]
+    assert proc.returncode == 130, err
+    assert 1 <= saved < 1000 and f"interrupted; epoch {saved} of 1000 is saved: continue with ffpipe run --resume {out}" in err, err
