@@ -89,6 +89,8 @@ class Worker:
         self.timeout_ms = int(peer_timeout_s * 1000)
         self.layer: torch.nn.Module | None = None  # built on the first in-order batch (its width, shape and classes)
         self.opt: torch.optim.Optimizer | None = None
+        self.shape: str | None = None  # the dataset's image shape and class count, once the layer is built
+        self.classes: int | None = None
         self.epoch = -1
         self.applied = 0
         self.last_batch = 0  # the source numbers train batches 1, 2, ...; the highest this layer has applied
@@ -127,6 +129,7 @@ class Worker:
         try:
             # checkpoints written before image layers hold fully connected layers, which need no class count
             self._ensure_layer(int(payload["in_features"]), payload.get("shape"), payload.get("classes") or 2)
+            self.classes = payload.get("classes")  # None (not checked) for such a checkpoint
             self.layer.load_state_dict(payload["layer"])
             if not self.layer.resumable:
                 raise ValueError(RESUME_OLD_LAYOUT)
@@ -197,6 +200,12 @@ class Worker:
         c = msg.scalars.get("classes")
         if not (isinstance(c, int) and not isinstance(c, bool) and 1 < c <= MAX_CLASSES):
             raise WireError(f"a batch must name its number of classes (2..{MAX_CLASSES}), got {c!r}")
+        if self.classes and c != self.classes:
+            raise WireError(f"a batch of {c} classes, layer {self.index} has {self.classes}")
+        if self.layer is not None and x.shape[1] != self.layer.in_features:
+            raise WireError(f"a batch of width {x.shape[1]}, layer {self.index} takes {self.layer.in_features}")
+        if x.shape[1] < c and not cfg.competitive:  # the labels are written into the first c inputs
+            raise WireError(f"a batch of width {x.shape[1]} cannot hold {c} labels")
         value = label_value(x, cfg.label_value)
         if msg.kind == "train" and cfg.competitive:  # no labels written in: the layers learn from them
             t["x_pos"] = x
@@ -350,6 +359,7 @@ class Worker:
     def _payload(self, stop: Message | None = None) -> dict:
         return {"stop": stop.scalars if stop is not None else None, "stop_seq": stop.seq if stop is not None else 0,
                 "config": self.cfg.to_json(), "index": self.index, "in_features": self.layer.in_features,
+                "shape": self.shape, "classes": self.classes,  # what an image layer, or the competitive loss, is built for
                 "layer": self.layer.state_dict(), "optimizer": self.opt.state_dict(),
                 "applied": self.applied, "last_batch": self.last_batch, "epoch": self.epoch}
 

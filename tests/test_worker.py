@@ -201,3 +201,42 @@ def test_layer_0_writes_the_labels_into_images_sent_once_exactly_as_into_overlai
         with pytest.raises(WireError, match=match):
             a.on_train(bad)
     assert a.applied == 1  # none of them was applied
+
+
+def _images(batch: int, x: torch.Tensor, classes: int = 10, shape: str | None = "1x8x8") -> Message:
+    """A train batch as the source sends it to layer 0: the images, their labels and the wrong labels."""
+    b = len(x)
+    y = torch.arange(b) % classes
+    return Message("train", batch, 0, {"total": 9, "classes": classes, "batch": batch, **({"shape": shape} if shape else {})},
+                   {"x": x, "y": y, "neg": (y + 1) % classes, "idx": torch.arange(b)})
+
+
+def test_an_image_layer_resumes_from_its_checkpoint_with_its_shape_and_classes(tmp_path):
+    from ffpipe.worker import Worker
+
+    cfg = config.preset("quick", layers=("conv12k3", 8), epochs=1, layer=config.LayerConfig(loss="competitive"), out=str(tmp_path))
+    worker = Worker(cfg, 0, Topology.local(2), tmp_path, peer_timeout_s=5)
+    gen = torch.Generator().manual_seed(0)
+    for batch in (1, 2):
+        worker.on_train(_images(batch, torch.rand(6, 64, generator=gen)))
+    worker.save()
+    again = Worker(cfg, 0, Topology.local(2), tmp_path, peer_timeout_s=5)
+    again.load()  # the checkpoint alone says the layer sees 1x8x8 images of 10 classes
+    assert (again.shape, again.classes, again.last_batch) == ("1x8x8", 10, 2)
+    assert all(torch.equal(a, b) for a, b in zip(worker.layer.state_dict().values(), again.layer.state_dict().values()))
+    x = torch.rand(6, 64, generator=gen)
+    assert torch.equal(again.on_train(_images(3, x)).tensors["x_pos"], worker.on_train(_images(3, x)).tensors["x_pos"])
+
+
+@pytest.mark.parametrize("classes, width, message", [(10, 5, "cannot hold 10 labels"), (3, 64, "a batch of 3 classes, layer 0 has 10"),
+                                                      (10, 49, "a batch of width 49, layer 0 takes 64")])
+def test_layer_0_refuses_images_it_cannot_write_the_labels_into(tmp_path, classes, width, message):
+    from ffpipe.wire import WireError
+    from ffpipe.worker import Worker
+
+    cfg = config.preset("quick", layers=(16, 8), epochs=1, negatives="random", out=str(tmp_path))
+    worker = Worker(cfg, 0, Topology.local(2), tmp_path, peer_timeout_s=5)
+    if width >= classes:  # a layer built for 64 inputs and 10 classes
+        worker.on_train(_images(1, torch.rand(4, 64), shape=None))
+    with pytest.raises(WireError, match=message):
+        worker.on_train(_images(2 if width >= classes else 1, torch.rand(4, width), classes, shape=None))
