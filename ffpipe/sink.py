@@ -441,8 +441,10 @@ class Sink:
             "replayed": {f"layer{i}": s.get(f"layer{i}.replayed") for i in layers},  # resent batches forwarded, not applied
             "out_of_order": {**{f"layer{i}": s.get(f"layer{i}.out_of_order") for i in layers}, "sink": self.out_of_order},
             "duplicates": self.duplicates,
-            "rejected": {**{f"layer{i}": s.get(f"layer{i}.rejected") for i in layers}, "sink": sum(self.rejected.values())},
-            "rejected_reasons": {**{f"layer{i}": s.get(f"layer{i}.rejected_reasons") for i in layers if s.get(f"layer{i}.rejected_reasons")},
+            "rejected": {"source": s.get("source.rejected"), **{f"layer{i}": s.get(f"layer{i}.rejected") for i in layers},
+                         "sink": sum(self.rejected.values())},
+            "rejected_reasons": {**({"source": s["source.rejected_reasons"]} if s.get("source.rejected_reasons") else {}),
+                                 **{f"layer{i}": s.get(f"layer{i}.rejected_reasons") for i in layers if s.get(f"layer{i}.rejected_reasons")},
                                  **({"sink": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())} if self.rejected else {})},
             "complete": stream_complete and sent == self.received["train"] == self.last_batch
                         and s.get("source.sent_eval") == self.received["eval"]

@@ -70,6 +70,7 @@ class Source:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.mean, self.std = input_stats(data, cfg.standardize, cfg.equalize)
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
+        self.rejected: dict[str, int] = {}  # malformed messages from the sink's side, by reason
         self.stopping = False
         self.skip = skip  # train batches every layer and the sink hold already (restart, resume): drawn, not sent
         self.sink_next = sink_next  # the sink holds every message below this: evaluations below it are not sent
@@ -192,9 +193,11 @@ class Source:
         idx, logits = msg.tensors.get("idx"), msg.tensors.get("logits")
         n, c = self.beliefs.shape
         if (idx is None or logits is None or idx.dtype != torch.int64 or idx.ndim != 1 or logits.shape != (len(idx), c)
-                or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n))):
-            raise WireError("a belief message needs idx (B,) int64 in range and logits (B, C)")
-        self.beliefs[idx] = logits.float()
+                or logits.dtype != torch.float32 or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n))):
+            raise WireError("a belief message needs idx (B,) int64 in range and logits (B, C) float32")
+        if not bool(torch.isfinite(logits).all()):  # hard negatives sample from their softmax
+            raise WireError("a belief message's logits must be finite")
+        self.beliefs[idx] = logits
 
     def _drain(self, inbox: zmq.Socket, wait_ms: int = 0) -> None:
         """Take everything the sink has sent (waiting up to wait_ms for the first message)."""
@@ -212,7 +215,15 @@ class Source:
                 else:
                     raise WireError(f"the source does not take {msg.kind!r} messages")
             except WireError as e:
-                print(f"ffpipe source: rejected a message: {e}", flush=True)
+                self._reject(str(e))
+
+    def _reject(self, reason: str) -> None:
+        """Count a malformed message (the run's summary lists the reasons); say so once per reason."""
+        if reason not in self.rejected and len(self.rejected) >= 20:
+            reason = "other reasons"
+        if reason not in self.rejected:
+            print(f"ffpipe source: rejected a message: {reason}", flush=True)
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     # ---- sending
 
@@ -307,6 +318,8 @@ class Source:
         stats = {"source.sent_train": self.last_batch, "source.sent_eval": end - self.last_batch,
                  "source.sent_train_now": self.sent["train"],
                  "source.resent": self.sent["resent"], "source.retransmissions": self.sent["retransmissions"],
+                 "source.rejected": sum(self.rejected.values()),
+                 "source.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
                  "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping,
                  "source.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
         t0 = time.monotonic()

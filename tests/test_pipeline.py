@@ -81,7 +81,7 @@ def test_every_batch_is_accounted_for_and_run_files_are_written(tmp_path):
     batches = 3 * 29  # 1,437 images in batches of 50
     assert a["sent_train"] == a["received_train"] == batches and a["applied"] == [batches, batches]
     assert a["sent_eval"] == a["received_eval"] == 3 * 2  # 360 test images in batches of 250, every epoch
-    assert a["complete"] and a["rejected"] == {"layer0": 0, "layer1": 0, "sink": 0}
+    assert a["complete"] and a["rejected"] == {"source": 0, "layer0": 0, "layer1": 0, "sink": 0}
     assert [h["epoch"] for h in s["history"]] == [1, 2, 3] and all(h["samples"] == 360 for h in s["history"])
     assert 0 <= s["test_accuracy"] <= 1 and s["train_samples_per_s"] > 0
     assert set(s["peak_rss_mb"]) == {"source", "layer0", "layer1", "sink"} and all(v > 0 for v in s["peak_rss_mb"].values())

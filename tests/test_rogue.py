@@ -1,4 +1,4 @@
-"""A rogue client on a running pipeline's open ports: malformed messages pushed into layer 0 and the sink are each
+"""A rogue client on a running pipeline's open ports: malformed messages pushed into layer 0, the sink and the source are each
 rejected and counted once where they arrive, and change nothing: the run completes, every batch is applied once by
 every layer, and the model equals the in-process reference run of the same config."""
 
@@ -94,6 +94,21 @@ def _for_sink(rng: random.Random) -> dict[str, list[bytes]]:
             "not for the sink": _frames("beliefs", {}, idx=y, logits=torch.zeros(3, 10))}
 
 
+def _for_source(rng: random.Random) -> dict[str, list[bytes]]:
+    """Well-formed frames that the source must refuse: beliefs (the sink's readout logits, for hard negatives) that
+    are not finite, or would not be once made float32, or name images that do not exist; an ack without its fields."""
+    idx = torch.tensor([1, 2, 3])
+    inf = torch.zeros(3, 10)
+    inf[1, 4] = float("inf")
+    return {"float64 beliefs": _frames("beliefs", {}, idx=idx, logits=torch.full((3, 10), 1e300, dtype=torch.float64)),
+            "inf beliefs": _frames("beliefs", {}, idx=idx, logits=inf),
+            "beliefs idx": _frames("beliefs", {}, idx=torch.tensor([1, 10**6, 3]), logits=torch.zeros(3, 10)),
+            "beliefs width": _frames("beliefs", {}, idx=idx, logits=torch.zeros(3, 7)),
+            "ack fields": _frames("ack", {"next": -1}),
+            "not for the source": _train(IN),
+            **_undecodable(rng)}  # after the others: a role names at most 20 reasons, and random bytes make many
+
+
 def _push_all(endpoints: dict[str, str], batches: dict[str, list[list[bytes]]]) -> None:
     """Connect a PUSH socket to each endpoint, queue every message, and return once ZeroMQ has delivered them all."""
     ctx = zmq.Context()
@@ -129,8 +144,9 @@ def test_malformed_messages_from_a_rogue_client_are_counted_and_change_nothing(t
         topology = json.loads((out / "run.json").read_text())["topology"]
         rng = random.Random(0)
         batches = {"layer0": [f for _ in range(REPEAT) for f in _for_layer0(rng).values()],
-                   "sink": [f for _ in range(REPEAT) for f in _for_sink(rng).values()]}
-        _push_all({"layer0": topology["layers"][0], "sink": topology["sink"]}, batches)
+                   "sink": [f for _ in range(REPEAT) for f in _for_sink(rng).values()],
+                   "source": [f for _ in range(REPEAT) for f in _for_source(rng).values()]}
+        _push_all({"layer0": topology["layers"][0], "sink": topology["sink"], "source": topology["source"]}, batches)
         assert proc.poll() is None, "the run ended before the rogue had delivered; make it longer"
         output, _ = proc.communicate(timeout=90)
     finally:
@@ -144,7 +160,10 @@ def test_malformed_messages_from_a_rogue_client_are_counted_and_change_nothing(t
     assert not s["interrupted"] and a["complete"], a
     assert a["sent_train"] == a["received_train"] == BATCHES and a["applied"] == [BATCHES, BATCHES], a
     sent = {role: len(messages) for role, messages in batches.items()}
-    assert a["rejected"] == {"layer0": sent["layer0"], "layer1": 0, "sink": sent["sink"]}, (sent, a["rejected_reasons"])
+    assert a["rejected"] == {"source": sent["source"], "layer0": sent["layer0"], "layer1": 0, "sink": sent["sink"]}, (sent, a["rejected_reasons"])
+    said = [line for line in output.splitlines() if line.startswith("ffpipe source: rejected a message: ")]
+    assert any("'logits' holds NaN or Inf" in line for line in said) and any("float32" in line for line in said), said
+    assert len(said) == len(set(said)) <= 20, said  # once per reason
     assert "from 127.0.0.1: " in a["rejected_reasons"]["layer0"]  # each rejection names the sender
     assert sum(a["rejected"].values()) == sum(sent.values()) > 200
 
