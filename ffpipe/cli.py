@@ -146,6 +146,8 @@ def run(
         if config_file is not None:
             base = _read_config(config_file)
             cfg = config.override_nested(config.apply(base, **flags), **nested)
+            if resume is not None:  # refused here, before config.json is rewritten: a refused resume changes nothing
+                _check_resume(base, cfg, pipeline=not inprocess)
         else:
             cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
         if role is not None:
@@ -186,6 +188,20 @@ def run(
         raise _fail(str(e)) from None
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
+
+
+def _check_resume(saved, cfg, pipeline: bool) -> None:
+    """A resumed run keeps what its checkpoints were made with: the dataset and the layers, and in a pipeline also
+    what numbers its stream (the sink's STREAM_FIELDS). Flags that change them are refused, naming each."""
+    from ffpipe.sink import STREAM_FIELDS
+
+    fields = ("dataset", "layers", "layer") + (STREAM_FIELDS if pipeline else ())
+    mine, theirs = cfg.to_dict(), saved.to_dict()
+    changed = [k for k in dict.fromkeys(fields) if mine.get(k) != theirs.get(k)]
+    if changed:
+        was = ", ".join(f"{k}={json.dumps(theirs.get(k))}" for k in changed)
+        raise ValueError(f"--resume continues the run as it was made ({was}); drop the flags that change "
+                         + ("them" if len(changed) > 1 else "it") + ", or start a new run in another --out")
 
 
 def _read_config(path: Path):

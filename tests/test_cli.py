@@ -186,3 +186,25 @@ def test_ctrl_c_stops_an_inprocess_run_and_says_which_epoch_is_saved(tmp_path):
     saved = checkpoint.load(out / checkpoint.FILENAME)["epoch"]
     assert proc.returncode == 130, err
     assert 1 <= saved < 1000 and f"interrupted; epoch {saved} of 1000 is saved: continue with ffpipe run --resume {out}" in err, err
+
+
+@pytest.mark.parametrize("pipeline, flags, message", [
+    (False, ["--layers", "30,30"], "layers=[64, 64]); drop the flags that change it"),
+    (False, ["--dataset", "mnist"], 'dataset="digits"'),
+    (True, ["--batch-size", "20", "--seed", "3"], "batch_size=50, seed=0); drop the flags that change them"),
+])
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(trained, tmp_path, pipeline, flags, message):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    if pipeline:  # what makes --resume continue a folder as a pipeline
+        (run / "run.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = _run("run", "--resume", run, *flags, "--quiet")
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume continues the run as it was made (") and message in lines[0], result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    if not pipeline:  # and it can still be resumed (in-process, with more epochs)
+        assert _run("run", "--resume", run, "--epochs", "4", "--quiet").exit_code == 0
