@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle  # for its exception type only: nothing is unpickled (weights_only)
 import threading
 from pathlib import Path
 
@@ -145,9 +146,20 @@ def load(path: str | Path, map_location: str = "cpu") -> dict:
     if not file.is_file():
         raise CheckpointError(f"{file}: no checkpoint there (expected a run folder holding {FILENAME}, or the file)")
     try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {map_location!r} (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {map_location}: no CUDA device is visible")
+    try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything torch.load raises means "unreadable"
-        raise CheckpointError(f"{file}: corrupt or unreadable checkpoint ({type(e).__name__}: {e})") from e
+        # one line, and none of torch's advice (for a file weights_only refuses, it suggests weights_only=False)
+        if isinstance(e, pickle.UnpicklingError):
+            raise CheckpointError(f"{file}: corrupt, or not an ffpipe checkpoint (it holds something other than "
+                                  "tensors and plain data, which is never unpickled)") from e
+        first = (str(e).strip().splitlines() or [""])[0].split("  (Could this error message be improved?")[0]
+        raise CheckpointError(f"{file}: corrupt or unreadable checkpoint ({type(e).__name__}: {first[:200]})") from e
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, FORMAT_V1):
         raise CheckpointError(f"{file}: not an ffpipe checkpoint (format {FORMAT!r} expected)")
     if payload["format"] == FORMAT:

@@ -166,3 +166,23 @@ def test_a_failed_background_write_is_raised_by_the_next_call_and_reports_nothin
     writer.submit(tmp_path / "ck.pt", checkpoint.snapshot(_payload()), lambda: done.append(True))
     writer.wait()
     assert done == [True] and checkpoint.load(tmp_path / "ck.pt")["applied"] == 7
+
+
+class _NotData:  # a class torch.load(weights_only=True) refuses to build
+    pass
+
+
+def test_a_file_that_is_not_a_checkpoint_or_for_another_device_is_refused_in_one_line(tmp_path):
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 8)
+    torch.save({"obj": _NotData()}, tmp_path / "pickled.pt")
+    for name in ("noise.pt", "pickled.pt"):
+        with pytest.raises(CheckpointError) as e:
+            checkpoint.load(tmp_path / name)
+        text = str(e.value)
+        assert "\n" not in text and "weights_only" not in text and "report" not in text, text  # none of torch's advice
+    checkpoint.save(tmp_path / "ok.pt", {"w": torch.ones(2)})
+    with pytest.raises(ValueError, match="unknown device 'banana'"):
+        checkpoint.load(tmp_path / "ok.pt", map_location="banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            checkpoint.load(tmp_path / "ok.pt", map_location="cuda")
