@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle  # for its exception type only: nothing is unpickled (weights_only)
 import threading
 from pathlib import Path
 
@@ -155,7 +154,7 @@ def load(path: str | Path, map_location: str = "cpu") -> dict:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything torch.load raises means "unreadable"
         # one line, and none of torch's advice (for a file weights_only refuses, it suggests weights_only=False)
-        if isinstance(e, pickle.UnpicklingError):
+        if type(e).__name__ == "UnpicklingError":  # weights_only refused what the file holds
             raise CheckpointError(f"{file}: corrupt, or not an ffpipe checkpoint (it holds something other than "
                                   "tensors and plain data, which is never unpickled)") from e
         first = (str(e).strip().splitlines() or [""])[0].split("  (Could this error message be improved?")[0]

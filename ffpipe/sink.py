@@ -34,7 +34,7 @@ from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import readout_step
 from ffpipe.progress import RunProgress
 from ffpipe.topology import Topology
-from ffpipe.wire import Message, WireError, parse_shape
+from ffpipe.wire import Message, Rejections, WireError, parse_shape
 
 POLL_MS = 250
 ACK_EVERY_S = 0.2  # how often the sink confirms progress to the source
@@ -55,7 +55,7 @@ class Sink:
         self.epoch = -1
         self.received = {"train": 0, "eval": 0}
         self.samples = 0
-        self.rejected: dict[str, int] = {}
+        self.rejected = Rejections("sink")
         self.rounds: dict[int, dict] = {}
         self.history: list[dict] = []
         self.time_to: dict[str, float] = {}
@@ -269,13 +269,6 @@ class Sink:
                      + (f" (goodness {goodness_acc:.4f})" if "goodness_accuracy" in record else "")
                      + f"  wall {elapsed:,.0f}s")
 
-    def _reject(self, reason: str) -> None:
-        if reason not in self.rejected and len(self.rejected) >= 20:
-            reason = "other reasons"
-        if reason not in self.rejected:
-            print(f"ffpipe sink: rejected a message: {reason}", flush=True)
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
     # ---- the loop
 
     def _heartbeat(self, msg: Message) -> None:
@@ -368,7 +361,7 @@ class Sink:
                     try:
                         msg = transport.recv(inbox, POLL_MS)
                     except WireError as e:
-                        self._reject(str(e)[:120])
+                        self.rejected.add(str(e)[:120])
                         continue
                     self._check_silence()
                     self._ack(control)
@@ -402,7 +395,7 @@ class Sink:
                                     progress.advance(self.received["train"])
                                 self._take(msg, metrics, control, progress)
                     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
-                        self._reject(f"{msg.kind}: {type(e).__name__}: {e}"[:120])
+                        self.rejected.add(f"{msg.kind}: {type(e).__name__}: {e}"[:120])
                     self._ack(control)
                 if stop is not None:
                     self.stop = stop
@@ -442,10 +435,10 @@ class Sink:
             "out_of_order": {**{f"layer{i}": s.get(f"layer{i}.out_of_order") for i in layers}, "sink": self.out_of_order},
             "duplicates": self.duplicates,
             "rejected": {"source": s.get("source.rejected"), **{f"layer{i}": s.get(f"layer{i}.rejected") for i in layers},
-                         "sink": sum(self.rejected.values())},
+                         "sink": self.rejected.total()},
             "rejected_reasons": {**({"source": s["source.rejected_reasons"]} if s.get("source.rejected_reasons") else {}),
                                  **{f"layer{i}": s.get(f"layer{i}.rejected_reasons") for i in layers if s.get(f"layer{i}.rejected_reasons")},
-                                 **({"sink": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())} if self.rejected else {})},
+                                 **({"sink": self.rejected.reasons()} if self.rejected else {})},
             "complete": stream_complete and sent == self.received["train"] == self.last_batch
                         and s.get("source.sent_eval") == self.received["eval"]
                         and all(a == sent for a in applied)

@@ -35,7 +35,7 @@ from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
 from ffpipe.model import prepare_inputs
 from ffpipe.topology import Topology
-from ffpipe.wire import Message, WireError
+from ffpipe.wire import Message, Rejections, WireError
 
 EVAL_BATCH = 250  # images per evaluation message (each carries every label: EVAL_BATCH x C rows)
 POLL_MS = 100  # how often a blocked or waiting source looks at the sink's acknowledgements
@@ -70,7 +70,7 @@ class Source:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.mean, self.std = input_stats(data, cfg.standardize, cfg.equalize)
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
-        self.rejected: dict[str, int] = {}  # malformed messages from the sink's side, by reason
+        self.rejected = Rejections("source")  # malformed messages from the sink's side
         self.stopping = False
         self.skip = skip  # train batches every layer and the sink hold already (restart, resume): drawn, not sent
         self.sink_next = sink_next  # the sink holds every message below this: evaluations below it are not sent
@@ -215,15 +215,8 @@ class Source:
                 else:
                     raise WireError(f"the source does not take {msg.kind!r} messages")
             except WireError as e:
-                self._reject(str(e))
+                self.rejected.add(str(e))
 
-    def _reject(self, reason: str) -> None:
-        """Count a malformed message (the run's summary lists the reasons); say so once per reason."""
-        if reason not in self.rejected and len(self.rejected) >= 20:
-            reason = "other reasons"
-        if reason not in self.rejected:
-            print(f"ffpipe source: rejected a message: {reason}", flush=True)
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     # ---- sending
 
@@ -318,8 +311,7 @@ class Source:
         stats = {"source.sent_train": self.last_batch, "source.sent_eval": end - self.last_batch,
                  "source.sent_train_now": self.sent["train"],
                  "source.resent": self.sent["resent"], "source.retransmissions": self.sent["retransmissions"],
-                 "source.rejected": sum(self.rejected.values()),
-                 "source.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
+                 "source.rejected": self.rejected.total(), "source.rejected_reasons": self.rejected.reasons(),
                  "source.peak_rss_mb": round(peak_rss_mb(), 1), "source.interrupted": self.stopping,
                  "source.cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
         t0 = time.monotonic()

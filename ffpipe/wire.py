@@ -12,6 +12,7 @@ message and keep serving.
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Collection
@@ -42,6 +43,31 @@ MAX_DIM = 2**31
 
 class WireError(Exception):
     """A message that is not a valid ffpipe message. The text says what was wrong."""
+
+
+class Rejections(collections.Counter):
+    """The malformed messages a role refused, counted by reason. Each reason is logged once, as
+    "ffpipe ROLE: rejected a message: REASON"; past MAX_REASONS distinct ones, the rest count as "other reasons"."""
+
+    MAX_REASONS = 20
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def add(self, reason: str) -> None:
+        if reason not in self and len(self) >= self.MAX_REASONS:
+            reason = "other reasons"
+        if reason not in self:
+            print(f"ffpipe {self.role}: rejected a message: {reason}", flush=True)
+        self[reason] += 1
+
+    def total(self) -> int:
+        return sum(self.values())
+
+    def reasons(self) -> str:
+        """For summary.json: "reason xN; ...", at most 2,000 characters."""
+        return "; ".join(f"{k} x{v}" for k, v in self.items())[:2000]
 
 
 @dataclass

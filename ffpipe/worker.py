@@ -24,7 +24,6 @@ every other tensor, and a batch only forwarded, on decoding.
 
 from __future__ import annotations
 
-import collections
 import math
 import re
 import resource
@@ -41,11 +40,10 @@ from ffpipe.layer import (RESUME_OLD_LAYOUT, Diverged, NonFiniteLoss, build_laye
 from ffpipe.metrics import PeakMemory
 from ffpipe.model import label_value
 from ffpipe.topology import Topology
-from ffpipe.wire import Message, WireError, check_finite, parse_shape
+from ffpipe.wire import Message, Rejections, WireError, check_finite, parse_shape
 
 POLL_MS = 250  # how often a waiting worker checks for a stop signal
 GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
-MAX_REASONS = 20  # distinct rejection reasons remembered (the rest are counted as "other")
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
 MAX_CLASSES = 100_000
 ACTIVATIONS = ("x_pos", "x_neg", "x_neu", "x_all")  # what a layer hands the next layer, and the sink never reads
@@ -97,7 +95,7 @@ class Worker:
         self.durable = 0  # the highest batch this layer's checkpoint holds
         self.out_of_order = 0  # batches dropped because an earlier one had not arrived (resent later)
         self.gap_notice_at = float("-inf")
-        self.rejected: collections.Counter[str] = collections.Counter()
+        self.rejected = Rejections(f"layer {index}")
         self.busy_s = 0.0  # time spent handling messages (train and eval)
         self.train_busy_s = 0.0  # time spent handling train messages, and the window they span:
         self.train_window: tuple[float, float] | None = None  # (first train message in, last train reply out)
@@ -111,13 +109,6 @@ class Worker:
         self.writer = checkpoint.BackgroundWriter()
         if resume and self.path.is_file():
             self.load()
-
-    def _reject(self, reason: str) -> None:
-        if reason not in self.rejected and len(self.rejected) >= MAX_REASONS:
-            reason = "other reasons"
-        if reason not in self.rejected:
-            print(f"ffpipe layer {self.index}: rejected a message: {reason}", flush=True)
-        self.rejected[reason] += 1
 
     @property
     def path(self) -> Path:
@@ -395,8 +386,8 @@ class Worker:
         i = self.index
         return {f"layer{i}.applied": self.applied,
                 f"layer{i}.last_batch": self.last_batch, f"layer{i}.replayed": self.replayed,
-                f"layer{i}.out_of_order": self.out_of_order, f"layer{i}.rejected": sum(self.rejected.values()),
-                f"layer{i}.rejected_reasons": "; ".join(f"{k} x{v}" for k, v in self.rejected.items())[:2000],
+                f"layer{i}.out_of_order": self.out_of_order, f"layer{i}.rejected": self.rejected.total(),
+                f"layer{i}.rejected_reasons": self.rejected.reasons(),
                 **{f"layer{i}.{k}": v for k, v in self.memory.report().items()},
                 f"layer{i}.busy_s": round(self.busy_s, 3), f"layer{i}.device": str(self.device),
                 f"layer{i}.train_busy": round(self.train_busy_s / (w[1] - w[0]), 3) if (w := self.train_window) and w[1] > w[0] else None,
@@ -448,7 +439,7 @@ class Worker:
                     elif msg.kind == "eval":
                         self.memory.training_pauses()
                 except (WireError, KeyError) as e:  # a bad message: count it, say so once per reason, keep serving
-                    self._reject(f"{type(e).__name__}: {e}"[:160])
+                    self.rejected.add(f"{type(e).__name__}: {e}"[:160])
                     continue
                 if reply is not None:
                     self.state = "sending"
@@ -482,5 +473,5 @@ def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, request_stop)
     worker.run()
-    print(f"ffpipe layer {index}: applied {worker.applied} batches, rejected {sum(worker.rejected.values())}, "
+    print(f"ffpipe layer {index}: applied {worker.applied} batches, rejected {worker.rejected.total()}, "
           f"busy {worker.busy_s:.1f}s", flush=True)
