@@ -18,11 +18,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
-import zlib
 import os
+import shutil
 import socket
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,15 +221,19 @@ def _mixed(split: Split) -> Split:
 
 def _extract(archive: Path) -> Path:
     """Extract a tar.gz once into the cache (never next to the archive, which may be read-only)."""
-    dest = cache_dir() / archive.name.removesuffix(".tar.gz")
+    st = archive.stat()  # keyed by the archive's path, size and time: another file of the same name is extracted anew
+    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_dir() / f"{archive.name.removesuffix('.tar.gz')}-{key}"
     done = dest / ".complete"
     if not done.is_file():
         dest.mkdir(parents=True, exist_ok=True)
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(dest, filter="data")
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"{archive}: cannot extract ({e})") from e
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # EOFError: a truncated archive
+            shutil.rmtree(dest, ignore_errors=True)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(f"{archive}: cannot extract, the archive is truncated or corrupt ({type(e).__name__}: {reason})") from e
         done.touch()
     return dest
 

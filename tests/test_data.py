@@ -161,7 +161,27 @@ def test_fer2013_folders_in_a_tar_archive_use_the_official_label_order(tmp_path)
     for name in sorted(data.FER_CLASSES):  # labels follow FER2013's order, not the folders'
         image = torch.from_numpy(np.array(Image.open(src / "fer2013" / "train" / name / "0.png")))
         assert d.train.y[(d.train.x[:, 0] == image).flatten(1).all(1)].tolist() == [d.classes.index(name)]
-    assert (data.cache_dir() / "fer2013-jpg" / "fer2013" / "train").is_dir()
+    assert [p.name for p in data.cache_dir().glob("fer2013-jpg-*/fer2013/train")] == ["train"]
+
+
+def test_an_archive_is_extracted_for_what_it_holds_and_a_truncated_one_is_refused_in_one_line(tmp_path):
+    src = tmp_path / "src"
+    _write_image_folders(src / "fer2013", sorted(data.FER_CLASSES), "L", 48, per_class=1)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for folder in (full, cut):
+        folder.mkdir()
+        with tarfile.open(folder / "fer2013-jpg.tar.gz", "w:gz") as tar:
+            tar.add(src / "fer2013", arcname="fer2013")
+    assert len(data.load("fer2013", full, download=False).train) == 7  # extracted into the cache
+    raw = (cut / "fer2013-jpg.tar.gz").read_bytes()
+    (cut / "fer2013-jpg.tar.gz").write_bytes(raw[: len(raw) // 2])  # the same name, half the file
+    with pytest.raises(data.DataError, match=r"fer2013-jpg.tar.gz: cannot extract, the archive is truncated or corrupt") as e:
+        data.load("fer2013", cut, download=False)  # not the other archive's extracted images
+    assert "\n" not in str(e.value)
+    (cut / "fer2013-jpg.tar.gz").write_bytes(b"\x1f\x8b" + bytes(range(200)))  # gzip's magic, then noise
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        data.load("fer2013", cut, download=False)
+    assert len(data.load("fer2013", full, download=False).train) == 7
 
 
 def test_fer2013_kaggle_csv(tmp_path):
