@@ -150,6 +150,15 @@ def run(
                 _check_resume(base, cfg, pipeline=not inprocess)
         else:
             cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
+        if inprocess and cfg.device.startswith("cuda") and role is None:
+            import torch
+
+            if not torch.cuda.is_available():  # before loading any data
+                raise ValueError(f"--device {cfg.device}: no CUDA device is visible")
+        if not inprocess or role is not None:
+            from ffpipe.transport import queue_depth
+
+            queue_depth()  # FFPIPE_HWM, checked once here rather than by the first role to make a socket
         if role is not None:
             _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, quiet, resume_role, keys)
             return
@@ -285,6 +294,8 @@ def eval_(
         part = {"test": data.test, "val": data.val, "train": data.train}[split]
         if part is None:
             raise ValueError("this run held out no validation set (val_size 0)")
+        if confusion is not None and not (confusion.parent.is_dir() and os.access(confusion.parent, os.W_OK)):
+            raise ValueError(f"--confusion {confusion}: {confusion.parent} is not a folder this user can write to")
         result = evaluate(net, part.x, part.y, mode=predict, tta_flip=tta_flip)
         counts = confusion_matrix(result["predictions"], part.y, data.num_classes)
         if confusion is not None:

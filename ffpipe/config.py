@@ -19,6 +19,9 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
+MAX_THREADS = 1024  # torch threads per process: more only exhausts memory maps
+
+
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
@@ -137,6 +140,10 @@ class RunConfig:
         _positive("shift", self.shift, allow_zero=True)
         _positive("test_blur", self.test_blur, allow_zero=True)
         _positive("threads", self.threads, allow_zero=True)
+        if self.threads > MAX_THREADS:
+            raise ValueError(f"threads must be at most {MAX_THREADS}; got {self.threads}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63); got {self.seed!r}")
         _positive("eval_every", self.eval_every, allow_zero=True)
         _positive("log_every", self.log_every)
         _positive("checkpoint_every", self.checkpoint_every)

@@ -94,6 +94,8 @@ def read_idx(path: Path) -> torch.Tensor:
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if len(raw) != header + int(np.prod(dims)):
         raise DataError(f"{path}: truncated or corrupt IDX file (header says {dims}, file has {len(raw)} bytes)")
+    if 0 in dims:
+        raise DataError(f"{path}: an IDX file holding nothing (header says {dims})")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -174,7 +176,7 @@ def _read_image_folder(root: Path, classes: list[str], mode: str, size: int) -> 
                     if im.size != (size, size):
                         im = im.resize((size, size))
                     xs.append(np.asarray(im, dtype=np.uint8))
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:
                 raise DataError(f"{path}: cannot decode image ({e})") from e
             ys.append(label)
     if not xs:

@@ -68,6 +68,9 @@ def set_compute(threads: int) -> None:
 _SPEC = re.compile(r"^(?:(\d+)|(conv|lc)(\d+)(?:k(\d+))?(?:s(\d+))?(?:p(\d+))?)$")
 
 
+MAX_UNITS = 1 << 20  # the widest layer (or most channels) a spec may ask for
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One entry of `--layers`: "500" (fully connected), "conv64k3p2", "lc32k5s2" (see the module doc)."""
@@ -90,6 +93,8 @@ class LayerSpec:
             kernel, stride, pool = (int(g) if g else d for g, d in zip(m.group(4, 5, 6), (3, 1, 1)))
         if min(units, kernel, stride, pool) <= 0:
             raise ValueError(f"layer {spec!r}: sizes must be positive")
+        if units > MAX_UNITS:
+            raise ValueError(f"layer {spec!r}: at most {MAX_UNITS:,} {'units' if kind == 'fc' else 'channels'}")
         return cls(kind, units, kernel, stride, pool)
 
     @property

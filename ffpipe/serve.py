@@ -35,7 +35,7 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
         with Image.open(path) as im:
             im = im.convert("L" if c == 1 else "RGB").resize((w, h))
             arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:  # the last: far too many pixels
         raise DataError(f"{path}: cannot read image ({e})") from e
     t = torch.from_numpy(arr.copy())
     return t[None] if c == 1 else t.permute(2, 0, 1)

@@ -17,7 +17,9 @@ from ffpipe import security
 from ffpipe.security import Keys
 from ffpipe.wire import Message, WireError, decode, encode
 
-def _hwm() -> int:
+def queue_depth() -> int:
+    """The high-water mark of every link: FFPIPE_HWM, read when a socket is made (a bad value is a ValueError
+    there, not at import)."""
     text = os.environ.get("FFPIPE_HWM", "2")
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"FFPIPE_HWM must be a positive integer (messages queued per socket); got {text!r}")
@@ -26,7 +28,6 @@ def _hwm() -> int:
 
 # Messages queued in a sender and in a receiver: with both, a link holds a handful of batches. FFPIPE_HWM sets
 # both (the benchmark's batches-in-flight sweep); the default 2 keeps layers fed without hoarding memory.
-SEND_HWM = RECV_HWM = _hwm()
 MAX_MSG_BYTES = 1 << 30  # sockets drop (and ZeroMQ disconnects) any single message above this
 KERNEL_BUFFER = 256 * 1024  # TCP send/receive buffers: without a cap the kernel would hold many small batches
 LINGER_MS = 2000  # how long close() may wait to flush queued messages (stop must get through)
@@ -78,9 +79,9 @@ class IdleClock:
         self.waited_ms = 0
 
 
-def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM, keys: Keys | None = None) -> zmq.Socket:
+def pull(ctx: zmq.Context, url: str, hwm: int | None = None, keys: Keys | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, queue_depth() if hwm is None else hwm)
     sock.setsockopt(zmq.RCVBUF, KERNEL_BUFFER)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
@@ -90,9 +91,9 @@ def pull(ctx: zmq.Context, url: str, hwm: int = RECV_HWM, keys: Keys | None = No
     return sock
 
 
-def push(ctx: zmq.Context, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGER_MS, keys: Keys | None = None) -> zmq.Socket:
+def push(ctx: zmq.Context, url: str, hwm: int | None = None, linger_ms: int = LINGER_MS, keys: Keys | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.SNDHWM, queue_depth() if hwm is None else hwm)
     sock.setsockopt(zmq.SNDBUF, KERNEL_BUFFER)
     sock.setsockopt(zmq.LINGER, linger_ms)
     if keys is not None:
@@ -108,10 +109,10 @@ class Links:
         self.ctx, self.keys = zmq.Context(), keys
         self.auth = security.authenticator(self.ctx, keys) if keys is not None else None
 
-    def pull(self, url: str, hwm: int = RECV_HWM) -> zmq.Socket:
+    def pull(self, url: str, hwm: int | None = None) -> zmq.Socket:
         return pull(self.ctx, url, hwm, self.keys)
 
-    def push(self, url: str, hwm: int = SEND_HWM, linger_ms: int = LINGER_MS) -> zmq.Socket:
+    def push(self, url: str, hwm: int | None = None, linger_ms: int = LINGER_MS) -> zmq.Socket:
         return push(self.ctx, url, hwm, linger_ms, self.keys)
 
     def close(self) -> None:

@@ -125,6 +125,9 @@ def test_predict_classifies_image_files(trained, tmp_path):
         (["run", "--dataset", "digits", "--layers", "conv8p4,conv8p4,conv8p4"], "too small"),
         (["run", "--dataset", "digits", "--inprocess", "--loss", "competitive", "--layers", "20,8"], "one channel per class: 8 < 10"),
         (["run", "--preset", "fastest"], "unknown preset"),
+        (["run", "--layers", "99999999999,20"], "at most 1,048,576 units"),
+        (["run", "--threads", "100000"], "threads must be at most 1024"),
+        (["run", "--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**63)"),
         (["run", "--dataset", "imagenet"], "dataset must be one of"),
         (["run", "--epochs", "0"], "epochs"),
         (["run", "--test-blur", "-1"], "test_blur must be >= 0"),
@@ -208,3 +211,32 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(trained, tmp_path, pip
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     if not pipeline:  # and it can still be resumed (in-process, with more epochs)
         assert _run("run", "--resume", run, "--epochs", "4", "--quiet").exit_code == 0
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds none: what an image bomb's header looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_an_image_bomb_and_an_unwritable_confusion_path_get_one_line(trained, tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header(30000, 30000))
+    result = _run("predict", "--checkpoint", trained, tmp_path / "bomb.png")
+    assert result.exit_code == 1 and "bomb.png: cannot read image" in result.output, result.output
+    result = _run("eval", "--checkpoint", trained, "--confusion", tmp_path / "missing" / "cm.png")
+    assert result.exit_code == 1 and "is not a folder this user can write to" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_an_inprocess_run_on_cuda_without_a_gpu_or_a_bad_queue_depth_gets_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = _run("run", "--inprocess", "--dataset", "digits", "--device", "cuda", "--out", tmp_path / "a")
+    assert result.exit_code == 1 and "--device cuda: no CUDA device is visible" in result.output, result.output
+    monkeypatch.setenv("FFPIPE_HWM", "abc")
+    result = _run("run", "--dataset", "digits", "--out", tmp_path / "b")
+    assert result.exit_code == 1 and "FFPIPE_HWM must be a positive integer" in result.output, result.output
+    assert not (tmp_path / "b").exists()  # refused before the run folder was made

@@ -66,6 +66,9 @@ def test_corrupt_idx_is_refused(tmp_path):
     (raw / "train-images-idx3-ubyte").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(DataError, match="magic"):
         data.load("mnist", tmp_path, download=False)
+    write_idx(raw / "train-images-idx3-ubyte", np.zeros((0, 28, 28)))  # a valid header of 0 images
+    with pytest.raises(DataError, match="holding nothing"):
+        data.load("mnist", tmp_path, download=False)
     (raw / "train-images-idx3-ubyte").unlink()
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="cannot read"):
