@@ -377,6 +377,10 @@ class Sink:
                         if msg.kind == "gap":  # a layer dropped batches after a gap: resend from where the sink is
                             self._gap(control)
                         elif msg.kind == "stop":
+                            sent = msg.scalars.get("source.sent_train")
+                            if not (isinstance(sent, int) and not isinstance(sent, bool) and sent >= self.last_batch):
+                                raise ValueError(f"a stop must name the source's train batches sent, at least the "
+                                                 f"{self.last_batch} taken here; got {sent!r}")
                             if msg.seq == self.expected or msg.scalars.get("source.interrupted") is True:
                                 stop = msg
                             else:

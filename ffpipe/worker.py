@@ -374,6 +374,14 @@ class Worker:
 
         self.writer.submit(self.path, checkpoint.snapshot(self._payload()), durable)
 
+    def _check_stop(self, msg: Message) -> None:
+        """The source's stop names the train batches it sent, every one of which came before it on this link: one
+        naming fewer than this layer has applied, or none, is not this run's stop (a forged one, without --keys)."""
+        sent = msg.scalars.get("source.sent_train")
+        if not (isinstance(sent, int) and not isinstance(sent, bool) and sent >= self.last_batch):
+            raise WireError(f"a stop must name the source's train batches sent, at least the {self.last_batch} this "
+                            f"layer has applied; got {sent!r}")
+
     def _for_next(self, reply: Message) -> Message:
         """What goes downstream. The sink reads labels, goodness, readout features and scalars, never the
         activations: the last layer leaves them out (in a 2-layer pipeline, a third of the bytes on the wire)."""
@@ -424,6 +432,7 @@ class Worker:
                     check_finite(msg.tensors, UPDATE_INPUTS if msg.kind == "train" else ())
                     idle.reset()
                     if msg.kind == "stop":
+                        self._check_stop(msg)
                         break
                     if msg.kind not in handlers:
                         raise WireError(f"a layer does not take {msg.kind!r} messages")

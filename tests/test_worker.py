@@ -117,11 +117,14 @@ def test_a_first_batch_its_update_refuses_builds_no_layer_and_images_with_nan_ar
     images[0, 19] = float("nan")
     as_the_source_sends = {"y": torch.zeros(5, dtype=torch.long), "neg": torch.ones(5, dtype=torch.long), "idx": torch.arange(5)}
     transport.send(up, Message("train", 2, 0, {"total": 3, "classes": 10, "batch": 2}, {"x": images, **as_the_source_sends}), 5000)
-    transport.send(up, Message("stop", 9, 0, {}), 5000)
+    transport.send(up, Message("stop", 9, 0, {"source.interrupted": True}), 5000)  # forged: no count of batches sent
+    transport.send(up, Message("stop", 9, 0, {"source.sent_train": 0}), 5000)  # forged: fewer than the layer applied
+    transport.send(up, Message("stop", 9, 0, {"source.sent_train": 2}), 5000)  # the source's: batch 2 went, refused
     outputs = [transport.recv(down, 10_000) for _ in range(2)]
     assert [m.kind for m in outputs] == ["train", "stop"] and outputs[0].scalars["batch"] == 1
     stop = outputs[1].scalars
-    assert stop["layer0.applied"] == 1 and stop["layer0.rejected"] == 2
+    assert stop["layer0.applied"] == 1 and stop["layer0.rejected"] == 4
+    assert "a stop must name the source's train batches sent, at least the 1 this layer has applied" in stop["layer0.rejected_reasons"]
     assert "train batch refused: the loss is not finite" in stop["layer0.rejected_reasons"]
 
 
