@@ -217,7 +217,6 @@ class Source:
             except WireError as e:
                 self.rejected.add(str(e))
 
-
     # ---- sending
 
     def _send(self, out: zmq.Socket, inbox: zmq.Socket, msg: Message) -> None:
