@@ -46,6 +46,7 @@ class BenchOptions:
     accuracy_timeout_s: float = 6 * 3600.0  # per --to-accuracy run (FF trains all of --max-epochs)
     pin: bool = False  # ff-pipeline: pin layer i to core i mod n (ffpipe run --pin)
     repeats: int = 1  # rounds of the throughput and ceiling runs, interleaved (a machine's speed drifts)
+    keep_checkpoints: bool = False  # keep each run's trained weights (*.pt) in runs/ (they are deleted once its record is read)
     out: str = "bench"
 
     def __post_init__(self):
@@ -221,6 +222,14 @@ def run_one(spec: dict, timeout_s: float) -> dict:
         record["busy"] = busy
     record["config"] = {k: v for k, v in spec.items() if k not in ("record", "work")}
     return record
+
+
+def drop_checkpoints(work: Path) -> None:
+    """Delete a finished run's trained weights. A pipelined run writes every layer's checkpoint and the assembled
+    model, as the service does (3 GB over a bench of 3072-wide layers); the bench needs the run's figures, which
+    its record, log, summary and metrics keep."""
+    for f in work.rglob("*.pt"):
+        f.unlink(missing_ok=True)
 
 
 def machine() -> dict:
@@ -563,6 +572,8 @@ def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     try:
         for i, spec in enumerate(specs, 1):
             r = run_one(spec, o.accuracy_timeout_s if spec["kind"] == "accuracy" else o.timeout_s)
+            if not o.keep_checkpoints:
+                drop_checkpoints(Path(spec["work"]))
             records.append(r)
             _report(r, _describe(spec, i, len(specs)), echo)
     except (KeyboardInterrupt, SystemExit) as e:  # stopped (Ctrl-C, SIGTERM): keep what was measured, then exit

@@ -372,6 +372,7 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
     pin: Annotated[bool, typer.Option("--pin", help="ff-pipeline: pin layer i to core i mod n, as ffpipe run --pin.")] = False,
     repeats: Annotated[int, typer.Option(help="Rounds of every throughput and ceiling run, interleaved (every other round reversed); bench.md adds each figure's median and range.")] = 1,
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep each run's trained weights (*.pt) under OUT/runs; by default they are deleted once the run's figures are read.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds one throughput, memory or wire run may take before it is killed and reported as failed.")] = 900.0,
     accuracy_timeout: Annotated[float, typer.Option(help="The same for each --to-accuracy run.")] = 6 * 3600.0,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md, the PNG plots and each run's log.")] = Path("bench"),
@@ -391,7 +392,8 @@ def bench(
             batch_size=batch_size, variants=tuple(v.strip() for v in variants.split(",") if v.strip()), devices=devices,
             threads=threads, steps=steps, microbatches=microbatches, stages=_parse_list(stages, int, "--stages"),
             in_flight=_parse_list(in_flight, int, "--in-flight"), to_accuracy=_parse_list(to_accuracy, float, "--to-accuracy"),
-            max_epochs=max_epochs, negatives=negatives, seed=seed, timeout_s=timeout, accuracy_timeout_s=accuracy_timeout, pin=pin, repeats=repeats, out=str(out),
+            max_epochs=max_epochs, negatives=negatives, seed=seed, timeout_s=timeout, accuracy_timeout_s=accuracy_timeout, pin=pin, repeats=repeats,
+            keep_checkpoints=keep_checkpoints, out=str(out),
         )
         if opts.devices.startswith("cuda"):
             import torch

@@ -97,13 +97,15 @@ def test_every_variant_gives_a_plausible_record_and_plots(tmp_path):
     for png in ("throughput.png", "memory.png"):
         assert _valid_png(out / png), png
     assert not any(_alive(pid) for pid in _started_pids(out))
+    # the runs' trained weights are gone (the service wrote them: every layer's and the assembled model), their figures kept
+    assert list(out.glob("runs/throughput-ff-pipeline-*/run/summary.json")) and not list(out.rglob("*.pt"))
 
 
 @pytest.mark.slow
 def test_time_to_accuracy_and_its_plot(tmp_path):
     out = tmp_path / "bench"
     result = _bench("--dataset", "digits", "--layers", "64,64", "--batch-size", "50", "--steps", "4",
-                    "--variants", "ff-inprocess,bp-inprocess", "--to-accuracy", "0.2", "--max-epochs", "8", "--out", out)
+                    "--variants", "ff-inprocess,bp-inprocess", "--to-accuracy", "0.2", "--max-epochs", "8", "--keep-checkpoints", "--out", out)
     assert result.exit_code == 0, result.output
     acc = [r for r in json.loads((out / "bench.json").read_text())["records"] if r["kind"] == "accuracy"]
     assert [r["variant"] for r in acc] == ["ff-inprocess", "bp-inprocess"]
@@ -111,6 +113,7 @@ def test_time_to_accuracy_and_its_plot(tmp_path):
         assert r["ok"] and r["history"] and 0 < r["time_to_accuracy_s"]["0.2"] <= r["history"][-1]["wall_s"]
     assert "Wall time to test accuracy" in (out / "bench.md").read_text()
     assert _valid_png(out / "accuracy.png")
+    assert list(out.glob("runs/accuracy-ff-inprocess-*/checkpoint.pt"))  # --keep-checkpoints: the trained model stays
 
 
 @pytest.mark.slow
