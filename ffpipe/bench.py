@@ -571,9 +571,11 @@ def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         for i, spec in enumerate(specs, 1):
-            r = run_one(spec, o.accuracy_timeout_s if spec["kind"] == "accuracy" else o.timeout_s)
-            if not o.keep_checkpoints:
-                drop_checkpoints(Path(spec["work"]))
+            try:
+                r = run_one(spec, o.accuracy_timeout_s if spec["kind"] == "accuracy" else o.timeout_s)
+            finally:  # also for the run a Ctrl-C or SIGTERM stopped: run_one has stopped its processes by now
+                if not o.keep_checkpoints:
+                    drop_checkpoints(Path(spec["work"]))
             records.append(r)
             _report(r, _describe(spec, i, len(specs)), echo)
     except (KeyboardInterrupt, SystemExit) as e:  # stopped (Ctrl-C, SIGTERM): keep what was measured, then exit

@@ -230,6 +230,8 @@ def test_a_bench_that_is_stopped_or_killed_leaves_no_process_behind(tmp_path, si
             time.sleep(0.2)
         pids = _started_pids(out)
         assert len(pids) == 5, "the pipeline did not start"
+        while sig == signal.SIGTERM and not list(out.rglob("*.pt")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the layers have saved a checkpoint, which the stopped bench must delete
         variant = _children(bench.pid)  # the benchrun process of the running variant
         bench.send_signal(sig)
         bench.wait(30)
@@ -241,6 +243,7 @@ def test_a_bench_that_is_stopped_or_killed_leaves_no_process_behind(tmp_path, si
             result = json.loads((out / "bench.json").read_text())
             assert result["stopped_after"] == "0 of 2 runs" and result["records"] == []
             assert "Stopped early" in (out / "bench.md").read_text()
+            assert not list(out.rglob("*.pt"))  # the stopped run's checkpoints went too
     finally:
         if bench.poll() is None:
             bench.kill()
