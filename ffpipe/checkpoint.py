@@ -7,6 +7,7 @@ refused at load. Files of the previous format (no digest) still load.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import threading
@@ -61,6 +62,7 @@ def save(path: Path, payload: dict) -> None:
     a reader never sees half a file, two writers never share a temporary file, and the rename survives a crash."""
     assert not set(_META) & set(payload), f"{_META} are the checkpoint's own keys"
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_stale_temporaries(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -71,6 +73,26 @@ def save(path: Path, payload: dict) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _drop_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of `path` that a process killed mid-write (SIGKILL, a lost machine) left behind:
+    those whose writer's pid no longer runs here. A live writer's file, or one from a pid this host cannot judge
+    (another container's), stays."""
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.*.*.tmp"):
+        pid = tmp.name[len(path.name) + 1 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or no pid at all: not ours to judge
+    return True
 
 
 def snapshot(obj):

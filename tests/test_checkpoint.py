@@ -1,5 +1,7 @@
 """Checkpoints: round trip, the content digest refuses corrupt and tampered files, v1 files still load."""
 
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -136,6 +138,23 @@ def test_save_leaves_no_temporary_file_and_replaces_the_old_checkpoint(tmp_path)
     with pytest.raises(TypeError, match="not object"):  # a value the digest cannot canonicalize: nothing written
         checkpoint.save(path, {"applied": 3, "bad": object()})
     assert [p.name for p in path.parent.iterdir()] == ["ck.pt"] and checkpoint.load(path)["applied"] == 2
+
+
+def test_save_deletes_the_temporary_files_of_writers_that_died_mid_write_and_only_those(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (reused within this test only by an unlucky wrap-around)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = tmp_path / "layer0.pt"
+        stale, live = tmp_path / f"layer0.pt.{dead.pid}.1.tmp", tmp_path / f"layer0.pt.{alive.pid}.1.tmp"
+        other = tmp_path / f"layer1.pt.{dead.pid}.1.tmp"  # another file's: its own writer cleans it
+        for f in (stale, live, other):
+            f.write_bytes(b"half a checkpoint")
+        checkpoint.save(path, {"applied": 1})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["layer0.pt", live.name, other.name])
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_a_background_write_saves_the_state_as_it_was_when_submitted(tmp_path):
