@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def stages(in_features: int, widths: list[int], classes: int, seed: int) -> list
     """One Linear+ReLU per hidden layer; the last also holds the linear softmax head."""
     torch.manual_seed(seed)
     dims = [in_features, *widths]
-    out = [nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in zip(dims[:-1], dims[1:])]
+    out = [nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in pairwise(dims)]
     out[-1].append(nn.Linear(widths[-1], classes))
     return out
 

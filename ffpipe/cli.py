@@ -304,7 +304,7 @@ def eval_(
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "dataset": data.name, "split": split,
                                **({"test_blur": cfg.test_blur if test_blur is None else test_blur} if split == "test" else {}),
                                "predict": predict or cfg.predict, "tta_flip": tta_flip, "samples": len(part), "accuracy": result["accuracy"],
-                               "per_class": dict(zip(data.classes, per_class_accuracy(counts))), "confusion": counts.tolist()}))
+                               "per_class": dict(zip(data.classes, per_class_accuracy(counts), strict=True)), "confusion": counts.tolist()}))
     except (ValueError, DataError, CheckpointError) as e:
         raise _fail(str(e)) from None
 

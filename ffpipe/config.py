@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 DATASETS = ("auto", "mnist", "fashion-mnist", "cifar10", "fer2013", "digits", "synthetic")
@@ -127,7 +128,7 @@ class RunConfig:
         from ffpipe.layer import LayerSpec  # the registry of layer kinds lives with the layers
 
         specs = [LayerSpec.parse(spec) for spec in self.layers]
-        for before, after in zip(specs, specs[1:]):
+        for before, after in pairwise(specs):
             if after.image and not before.image:
                 raise ValueError(f"image layer {after} cannot follow the fully connected layer {before}: put image layers first")
         object.__setattr__(self, "layers", tuple(s.units if not s.image else str(s) for s in specs))

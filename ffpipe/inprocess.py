@@ -65,7 +65,7 @@ def train_step(net: FFNet, opts, ro_opt, images: torch.Tensor, labels: torch.Ten
     else:
         x_pos, x_neg = ff.overlay(x, y, c, value), ff.overlay(x, neg.to(x.device), c, value)
     results = []
-    for i, (layer, opt) in enumerate(zip(net.layers, opts)):
+    for i, (layer, opt) in enumerate(zip(net.layers, opts, strict=True)):
         if only_layer is not None and i < only_layer:  # greedy: earlier layers are frozen
             with torch.no_grad():
                 x_pos, x_neg = layer(x_pos), (None if x_neg is None else layer(x_neg))

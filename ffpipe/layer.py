@@ -90,7 +90,7 @@ class LayerSpec:
             units, kind, kernel, stride, pool = int(m.group(1)), "fc", 1, 1, 1
         else:
             kind, units = m.group(2), int(m.group(3))
-            kernel, stride, pool = (int(g) if g else d for g, d in zip(m.group(4, 5, 6), (3, 1, 1)))
+            kernel, stride, pool = (int(g) if g else d for g, d in zip(m.group(4, 5, 6), (3, 1, 1), strict=True))
         if min(units, kernel, stride, pool) <= 0:
             raise ValueError(f"layer {spec!r}: sizes must be positive")
         if units > MAX_UNITS:

@@ -91,9 +91,9 @@ class FFNet(nn.Module):
         b, c = x.shape[0], self.num_classes
         if self.cfg.competitive:
             acts = self.activities(x)
-            return sum(layer.class_goodness(a) for layer, a in list(zip(self.layers, acts))[self.first_scored :])
+            return sum(layer.class_goodness(a) for layer, a in list(zip(self.layers, acts, strict=True))[self.first_scored :])
         acts = self.activities(ff.overlay_all_labels(x, c, value))  # [(B*C, H)]
-        total = sum(layer.goodness(a) for layer, a in list(zip(self.layers, acts))[self.first_scored :])
+        total = sum(layer.goodness(a) for layer, a in list(zip(self.layers, acts, strict=True))[self.first_scored :])
         return total.view(b, c)
 
     @torch.no_grad()

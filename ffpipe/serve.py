@@ -45,7 +45,7 @@ def classify_files(net: FFNet, meta: dict, paths: list[Path], mode: str | None =
     images = blur(torch.stack([read_image(p, tuple(meta["shape"])) for p in paths]), net.cfg.test_blur)
     scores = net.scores(net.inputs(images), mode)
     rows = []
-    for path, s in zip(paths, scores):
+    for path, s in zip(paths, scores, strict=True):
         label = int(s.argmax())
         rows.append({"image": str(path), "label": label, "class": meta["classes"][label], "scores": [round(float(v), 4) for v in s]})
     return rows

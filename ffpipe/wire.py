@@ -160,7 +160,7 @@ def decode(frames: list, *, check_finite: bool = True, max_tensor_bytes: int = M
     if len(frames) != 1 + len(descriptors):
         raise WireError(f"header describes {len(descriptors)} tensors but {len(frames) - 1} frames follow")
     tensors = {}
-    for desc, frame in zip(descriptors, frames[1:]):
+    for desc, frame in zip(descriptors, frames[1:], strict=True):
         tensors.update([_decode_tensor(desc, frame, tensors, check_finite, max_tensor_bytes)])
     return Message(kind, seq, epoch, scalars, tensors)
 

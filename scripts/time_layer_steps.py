@@ -71,7 +71,7 @@ def main() -> None:
                 sys.exit(f"{tree}: " + (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1])
             results[tree].append(json.loads(run.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {tree}: " + " ".join(f"{t:.1f}" for t in results[tree][-1]) + " ms", flush=True)
-    med = {t: [statistics.median(col) for col in zip(*rs)] for t, rs in results.items()}
+    med = {t: [statistics.median(col) for col in zip(*rs, strict=True)] for t, rs in results.items()}
     print("\n| layer | " + " | ".join(f"{t} ms" for t in trees) + (" | ratio |" if a.against else " |"))
     print("|---" * (len(trees) + 1 + bool(a.against)) + "|")
     for i, spec in enumerate(a.layers.split(",")):

@@ -228,15 +228,15 @@ def test_augment_shifts_and_flips_each_image_on_its_own():
     y = data.augment(x, 2, False, gen)
     assert y.shape == x.shape and y.dtype == torch.uint8
     seen = set()
-    for a, b in zip(x, y):  # each output is its input translated by some (dy, dx) in [-2, 2], zero-filled
+    for a, b in zip(x, y, strict=True):  # each output is its input translated by some (dy, dx) in [-2, 2], zero-filled
         match = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
                  if torch.equal(b, torch.roll(torch.nn.functional.pad(a, (2, 2, 2, 2)), (dy, dx), (1, 2))[:, 2:-2, 2:-2])]
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) > 5  # offsets differ between images
     f = data.augment(x, 0, True, gen)
-    mirrored = [torch.equal(b, a.flip(2)) for a, b in zip(x, f)]
-    assert all(m or torch.equal(b, a) for m, a, b in zip(mirrored, x, f)) and 10 < sum(mirrored) < 54
+    mirrored = [torch.equal(b, a.flip(2)) for a, b in zip(x, f, strict=True)]
+    assert all(m or torch.equal(b, a) for m, a, b in zip(mirrored, x, f, strict=True)) and 10 < sum(mirrored) < 54
 
 
 def _noise_images(n: int, size: int = 48, seed: int = 0) -> torch.Tensor:

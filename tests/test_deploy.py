@@ -153,7 +153,7 @@ class Services:
         services = doc["services"]
         ports = sorted({int(p) for svc in services.values() for v in svc["environment"].values()
                         for p in re.findall(rf"\b(?:{'|'.join(services)}):(\d+)", str(v))})
-        self.ports = dict(zip(ports, free_ports(len(ports))))
+        self.ports = dict(zip(ports, free_ports(len(ports)), strict=True))
         self.mounts, self.variables, self.logs = mounts, variables, logs
         self.env = {name: self._environment(svc) for name, svc in services.items()}
         self.commands = {name: [_interpolate(a, variables) for a in svc["command"]] for name, svc in services.items()}

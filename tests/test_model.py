@@ -18,7 +18,7 @@ def test_label_goodness_matches_one_label_at_a_time():
     batched = net.label_goodness(x, 1.0)  # (6, 4)
     for label in range(4):
         acts = net.activities(ff.overlay(x, torch.full((6,), label), 4, 1.0))
-        reference = sum(layer.goodness(a) for layer, a in zip(net.layers[1:], acts[1:]))  # skips the first layer
+        reference = sum(layer.goodness(a) for layer, a in zip(net.layers[1:], acts[1:], strict=True))  # skips the first layer
         assert_close(batched[:, label], reference)
 
 

@@ -280,7 +280,7 @@ def _decode_or_wire_error(frames: list) -> Message | None:
     assert msg.kind in wire.KINDS and _is_count(msg.seq) and _is_count(msg.epoch)
     assert all(isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in msg.scalars.items())
     assert len(frames) == 1 + len(msg.tensors) <= 1 + wire.MAX_TENSORS
-    for t, frame in zip(msg.tensors.values(), frames[1:]):
+    for t, frame in zip(msg.tensors.values(), frames[1:], strict=True):
         assert t.dtype in wire.DTYPES.values() and t.ndim <= wire.MAX_DIMS
         assert t.numel() * t.element_size() == len(frame) <= wire.MAX_TENSOR_BYTES
         if len(frame):  # zero-copy: the tensor is the frame's memory

@@ -226,7 +226,7 @@ def test_an_image_layer_resumes_from_its_checkpoint_with_its_shape_and_classes(t
     again = Worker(cfg, 0, Topology.local(2), tmp_path, peer_timeout_s=5)
     again.load()  # the checkpoint alone says the layer sees 1x8x8 images of 10 classes
     assert (again.shape, again.classes, again.last_batch) == ("1x8x8", 10, 2)
-    assert all(torch.equal(a, b) for a, b in zip(worker.layer.state_dict().values(), again.layer.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(worker.layer.state_dict().values(), again.layer.state_dict().values(), strict=True))
     x = torch.rand(6, 64, generator=gen)
     assert torch.equal(again.on_train(_images(3, x)).tensors["x_pos"], worker.on_train(_images(3, x)).tensors["x_pos"])
 
