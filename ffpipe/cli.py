@@ -17,8 +17,9 @@ from rich.table import Table
 from ffpipe import __version__
 from ffpipe.checkpoint import CheckpointError
 from ffpipe.data import DataError
-from ffpipe.launcher import PipelineError
+from ffpipe.launcher import STOPPED_ALONE, PipelineError
 from ffpipe.layer import Diverged
+from ffpipe.model import MAX_WHITENED
 from ffpipe.transport import PeerTimeout
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Forward-Forward training, one process per layer.")
@@ -70,6 +71,7 @@ def run(
     shift: Annotated[Optional[int], typer.Option(help="Augmentation: translate training images by up to N pixels (0 = off).", rich_help_panel=_PANEL_DATA)] = None,
     standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Subtract each channel's training mean and divide by its std.", rich_help_panel=_PANEL_DATA)] = None,
     equalize: Annotated[Optional[bool], typer.Option("--equalize/--no-equalize", help="Histogram-equalize every image (train, test, predict) before anything else.", rich_help_panel=_PANEL_DATA)] = None,
+    whiten: Annotated[Optional[float], typer.Option(help="ZCA-whiten the inputs (after --standardize), fitted on the training images: EPS added to the covariance's eigenvalues, in units of an input's variance (0.1 for CIFAR-10); 0 = off.", rich_help_panel=_PANEL_DATA)] = None,
     test_blur: Annotated[Optional[float], typer.Option(help="Blur test images (and ffpipe predict's) with a Gaussian of this sigma in pixels, for a training set whose images were blurred (FER2013's image-folder copy: 3); 0 = off.", rich_help_panel=_PANEL_DATA)] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Augmentation: mirror training images left-right at random (CIFAR-10, FER2013).", rich_help_panel=_PANEL_DATA)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Hidden layers: widths (1000,1000,1000) and/or image layers first (conv64k3p2,lc32k5s2,1000).", rich_help_panel=_PANEL_MODEL)] = None,
@@ -120,7 +122,7 @@ def run(
 
     flags = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
-        train_size=train_size, shift=shift, flip=flip, standardize=standardize, equalize=equalize, test_blur=test_blur, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+        train_size=train_size, shift=shift, flip=flip, standardize=standardize, equalize=equalize, whiten=whiten, test_blur=test_blur, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
         predict=predict, skip_first=skip_first, score_last=score_last, eval_every=eval_every, seed=seed, device=device, threads=threads,
         out=str(out) if out else None, checkpoint_every=checkpoint_every, retransmit_s=retransmit_after,
     )
@@ -148,6 +150,8 @@ def run(
             cfg = config.override_nested(config.apply(base, **flags), **nested)
             if resume is not None:  # refused here, before config.json is rewritten: a refused resume changes nothing
                 _check_resume(base, cfg, pipeline=not inprocess)
+                if not inprocess and role is None and _finished(resume):
+                    raise ValueError(f"{resume} finished all {base.epochs} epochs (its summary.json says so); nothing to resume")
         else:
             cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
         if inprocess and cfg.device.startswith("cuda") and role is None:
@@ -168,6 +172,8 @@ def run(
         elif data.name != cfg.dataset:
             cfg = config.apply(cfg, dataset=data.name)
         data = datasets.blur_test(datasets.hold_out(data, cfg.val_size, cfg.train_size), cfg.test_blur)
+        if cfg.whiten and data.num_features > MAX_WHITENED:  # before any role starts, not in the source
+            raise ValueError(f"--whiten takes at most {MAX_WHITENED:,} inputs (its matrix is D x D); {data.name} has {data.num_features:,}")
         if inprocess:
             from ffpipe import checkpoint
 
@@ -199,12 +205,20 @@ def run(
         raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
 
 
+def _finished(run: Path) -> bool:
+    """A pipelined run whose sink wrote the summary of a complete run (not an interrupted one)."""
+    try:
+        return json.loads((run / "summary.json").read_text()).get("interrupted") is False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_resume(saved, cfg, pipeline: bool) -> None:
     """A resumed run keeps what its checkpoints were made with: the dataset and the layers, and in a pipeline also
     what numbers its stream (the sink's STREAM_FIELDS). Flags that change them are refused, naming each."""
     from ffpipe.sink import STREAM_FIELDS
 
-    fields = ("dataset", "layers", "layer") + (STREAM_FIELDS if pipeline else ())
+    fields = ("dataset", "standardize", "equalize", "whiten", "layers", "layer") + (STREAM_FIELDS if pipeline else ())
     mine, theirs = cfg.to_dict(), saved.to_dict()
     changed = [k for k in dict.fromkeys(fields) if mine.get(k) != theirs.get(k)]
     if changed:
@@ -239,6 +253,7 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
     die_with_launcher()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    alone = False  # a layer or the sink stopped by a SIGTERM of its own, before the run's end
     if role == "source":
         from ffpipe.source import run_source
 
@@ -249,18 +264,20 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
 
         if index is None:
             raise ValueError("--role layer needs --index")
-        run_worker(cfg, index, topo, out, device=cfg.device, threads=cfg.threads or 1, resume=resume)
+        alone = run_worker(cfg, index, topo, out, device=cfg.device, threads=cfg.threads or 1, resume=resume)
     elif role == "sink":
         from ffpipe.sink import run_sink
 
-        run_sink(cfg, topo, out, show_progress=not quiet, resume=resume)
+        alone = run_sink(cfg, topo, out, show_progress=not quiet, resume=resume)
     else:
         raise ValueError(f"--role must be source, layer or sink; got {role!r}")
     # The role's files are written and its sockets closed. Skip the interpreter's teardown, which takes seconds
     # with torch loaded (and more on a busy machine): a stopping pipeline should be gone at once.
+    # A layer or sink that a SIGTERM of its own stopped mid-run exits STOPPED_ALONE (128 + SIGTERM, as if killed by
+    # it), not 0: the run cannot finish without it, so a launcher or container runtime restarts it or stops the rest.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(STOPPED_ALONE if alone else 0)
 
 
 @app.command("eval")

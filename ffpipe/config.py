@@ -88,6 +88,8 @@ class RunConfig:
     train_size: int = 0  # train on only the first N training images (after the hold-out); 0 = all
     standardize: bool = False  # subtract the dataset mean and divide by its std (the popular example does)
     equalize: bool = False  # histogram-equalize every image first (train, test and `ffpipe predict` alike)
+    whiten: float = 0.0  # ZCA-whiten the inputs (after standardize), fitted on the training images, with this
+    #                      epsilon added to the covariance's eigenvalues (in units of an input's variance); 0 = off
     test_blur: float = 0.0  # sigma (pixels) of a Gaussian blur on test images and `ffpipe predict`'s, for a
     #                         training set that was blurred (FER2013's image-folder copy: about 3); 0 = off
     label_value: float | None = 1.0  # value written into the one-hot label slot; None = the batch's max pixel
@@ -140,6 +142,7 @@ class RunConfig:
         _positive("train_size", self.train_size, allow_zero=True)
         _positive("shift", self.shift, allow_zero=True)
         _positive("test_blur", self.test_blur, allow_zero=True)
+        _positive("whiten", self.whiten, allow_zero=True)
         _positive("threads", self.threads, allow_zero=True)
         if self.threads > MAX_THREADS:
             raise ValueError(f"threads must be at most {MAX_THREADS}; got {self.threads}")

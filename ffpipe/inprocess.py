@@ -19,7 +19,7 @@ from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
 from ffpipe.layer import RESUME_OLD_LAYOUT, NonFiniteLoss, local_update, make_optimizer, set_compute, set_lr, skipped_steps
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
-from ffpipe.model import FFNet, evaluate, readout_step
+from ffpipe.model import FFNet, evaluate, fit_whitening, readout_step
 from ffpipe.progress import RunProgress
 
 CHECKPOINT_S = 30.0  # an in-process run saves at least this often (and after every evaluation and at the end)
@@ -31,12 +31,22 @@ def set_threads(threads: int) -> int:
     return n
 
 
-def build(cfg: RunConfig, data: Data) -> FFNet:
+def build(cfg: RunConfig, data: Data, fit: bool = True, log=None) -> FFNet:
+    """The net, its input statistics set from the training data; with --whiten and `fit`, its ZCA whitening fitted
+    (a resumed run reads it from its checkpoint instead). `log`: where to say how long the fit took."""
     torch.manual_seed(cfg.seed)
     net = FFNet(data.shape, data.num_classes, cfg)
     mean, std = input_stats(data, cfg.standardize, cfg.equalize)
     net.input_mean.copy_(mean)
     net.input_std.copy_(std)
+    if cfg.whiten and fit:
+        t0 = time.perf_counter()
+        center, matrix = fit_whitening(data.train.x, mean, std, cfg.standardize, cfg.equalize, cfg.whiten)
+        net.whiten_center.copy_(center)
+        net.whiten_matrix.copy_(matrix)
+        if log is not None:
+            log(f"ffpipe: ZCA whitening fitted on {len(data.train):,} training images ({center.numel():,} inputs, eps "
+                f"{cfg.whiten:g}) in {time.perf_counter() - t0:.1f}s")
     return net.to(cfg.device)
 
 
@@ -136,7 +146,7 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
-    net = build(cfg, data)
+    net = build(cfg, data, fit=resume is None, log=(lambda line: print(line, flush=True)) if show_progress else None)
     opts = [make_optimizer(layer.parameters(), cfg.optim) for layer in net.layers]
     ro_opt = make_optimizer(net.readout.parameters(), cfg.readout_optim)
     eval_split, eval_name = (data.val, "val") if data.val is not None else (data.test, "test")

@@ -27,8 +27,10 @@ from ffpipe.config import RunConfig
 from ffpipe.data import Data, input_stats
 from ffpipe.layer import check_net, out_widths
 from ffpipe.metrics import write_json
+from ffpipe.source import WHITENING
 from ffpipe.topology import Topology
 
+STOPPED_ALONE = 128 + signal.SIGTERM  # a layer's or the sink's exit status after a SIGTERM of its own, mid-run
 STOP_GRACE_S = 10.0  # after a stop request, how long the pipeline may take to drain before it is killed
 
 
@@ -68,7 +70,7 @@ def resolve_devices(spec: str, num_layers: int) -> list[str]:
     return parts
 
 
-STALE = ("layer*.pt", "readout.pt", "sink.pt", "run.json", "summary.json", "checkpoint.pt", "metrics.jsonl")
+STALE = ("layer*.pt", "readout.pt", "sink.pt", WHITENING, "run.json", "summary.json", "checkpoint.pt", "metrics.jsonl")
 
 
 def die_with_launcher(variable: str = "FFPIPE_LAUNCHER_PID") -> None:
@@ -210,8 +212,9 @@ class Launcher:
             source = next(c for c in self.children if c.role == "source")
             if source.proc.poll() is None:
                 source.proc.send_signal(signal.SIGTERM)
-            else:  # everything is already sent: let the pipeline drain as it would have
-                self.stop_requested_at = None
+            else:  # everything is already sent: the pipeline drains as it would have, for STOP_GRACE_S at most
+                print(f"ffpipe: the source has sent everything; letting the pipeline finish (at most {STOP_GRACE_S:g}s)",
+                      file=sys.stderr, flush=True)
 
     def _watch(self) -> bool:
         """Until every child has exited; True when they stopped on request before the run finished."""
@@ -219,7 +222,8 @@ class Launcher:
             for k, c in enumerate(self.children):
                 rc = c.proc.poll()
                 if rc is not None and rc != 0:
-                    what = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+                    what = (f"killed by {signal.Signals(-rc).name}" if rc < 0 else "stopped by a SIGTERM of its own before the run's end"
+                            if rc == STOPPED_ALONE and c.role != "source" else f"exit code {rc}")
                     done = self.restarts.get(c.name, 0)
                     if self.restart == "on-failure" and self.stop_requested_at is None and done < self.max_restarts:
                         self.restarts[c.name] = done + 1
@@ -264,6 +268,9 @@ class Launcher:
         state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if use_readout else torch.zeros(self.data.num_classes, width)
         mean, std = input_stats(self.data, cfg.standardize, cfg.equalize)
         state.update(input_mean=mean, input_std=std)
+        if cfg.whiten:  # the source fitted it (and saved it) before the first batch
+            saved = checkpoint.load(self.out / WHITENING)
+            state.update(whiten_center=saved["center"], whiten_matrix=saved["matrix"])
         checkpoint.save(self.out / checkpoint.FILENAME, {
             "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,
             "data": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},

@@ -17,16 +17,49 @@ from ffpipe.data import equalize
 from ffpipe.layer import build_layer, check_net, step_if_finite
 
 
+MAX_WHITENED = 4096  # the most inputs ZCA whitening takes: its matrix is D x D (CIFAR-10's 3,072: 38 MB)
+
+
 def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool,
-                   equalized: bool = False) -> torch.Tensor:
-    """uint8 images to flat float inputs in [0, 1], optionally equalized per image and standardized per channel.
-    (B, C, H, W) -> (B, D)"""
+                   equalized: bool = False, whiten: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 images to flat float inputs in [0, 1], optionally equalized per image, standardized per channel and
+    ZCA-whitened (`whiten`: the (center, matrix) of `fit_whitening`). (B, C, H, W) -> (B, D)"""
     if equalized:
         images = equalize(images)
     x = images.to(mean.device, torch.float32).div_(255)
     if standardize:
         x = (x - mean[:, None, None]) / std[:, None, None]
-    return x.flatten(1)
+    x = x.flatten(1)
+    if whiten is not None:
+        center, matrix = whiten
+        x = (x - center) @ matrix  # (B, D) @ (D, D): symmetric, so rows or columns alike
+    return x
+
+
+def fit_whitening(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, standardize: bool, equalized: bool,
+                  eps: float, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZCA whitening fitted on `images` (the training split), prepared as `prepare_inputs` prepares them:
+    (center (D,), matrix (D, D)) with matrix = U diag(1 / sqrt(s + eps)) U^T for the covariance's eigenpairs (s, U).
+    Inputs become decorrelated, each direction scaled to unit variance, the image kept in place (ZCA, not PCA:
+    the nearest whitened image to the original, so a local layer still sees local structure). `eps`, in units of
+    the prepared inputs' variance (about 1 per pixel with --standardize), damps the directions of least variance,
+    which are mostly pixel noise. The covariance is summed in float64 over chunks of centred float32 rows."""
+    n = len(images)
+    d = images[0].numel()
+    if n < 2:
+        raise ValueError(f"ZCA whitening needs at least 2 training images, not {n}")
+    if d > MAX_WHITENED:
+        raise ValueError(f"--whiten takes at most {MAX_WHITENED:,} inputs (its matrix is D x D); this data has {d:,}")
+    rows = lambda i: prepare_inputs(images[i : i + chunk], mean, std, standardize, equalized)  # noqa: E731
+    center = sum(rows(i).double().sum(dim=0) for i in range(0, n, chunk)) / n  # (D,)
+    center = center.float()
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        x = rows(i) - center
+        cov += (x.T @ x).double()
+    s, u = torch.linalg.eigh(cov / (n - 1))
+    matrix = (u * (s.clamp_min(0) + eps).rsqrt()) @ u.T
+    return center, matrix.float()
 
 
 def label_value(x: torch.Tensor, value: float | None) -> float:
@@ -50,6 +83,10 @@ class FFNet(nn.Module):
         # Per-channel input statistics, set by the trainer from the training data when cfg.standardize.
         self.register_buffer("input_mean", torch.zeros(c))
         self.register_buffer("input_std", torch.ones(c))
+        if cfg.whiten:  # ZCA whitening (`fit_whitening`), set by the trainer from the training data
+            d = c * h * w
+            self.register_buffer("whiten_center", torch.zeros(d))
+            self.register_buffer("whiten_matrix", torch.eye(d))
 
     def _readout_widths(self) -> list[int]:
         return self.widths[self.cfg.first_readout :]
@@ -60,7 +97,8 @@ class FFNet(nn.Module):
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images to flat float inputs. (B, C, H, W) -> (B, D)"""
-        return prepare_inputs(images, self.input_mean, self.input_std, self.cfg.standardize, self.cfg.equalize)
+        whiten = (self.whiten_center, self.whiten_matrix) if self.cfg.whiten else None
+        return prepare_inputs(images, self.input_mean, self.input_std, self.cfg.standardize, self.cfg.equalize, whiten)
 
     def label_value(self, x: torch.Tensor) -> float:
         return label_value(x, self.cfg.label_value)

@@ -64,6 +64,7 @@ class Sink:
         self.samples_after_first = 0
         self.arrivals: list[tuple[float, int]] = []  # (time, images) per train batch, for the steady-state rate
         self.stopping = False
+        self.stopped_alone = False
         self.show_progress = show_progress
         self.resume = resume
         self.expected = 0  # the stream number the sink takes next
@@ -409,6 +410,7 @@ class Sink:
             inbox.close()
             control.close()
             links.close()
+        self.stopped_alone = stop is None  # the loop ended on a SIGTERM to the sink alone, not at the stream's stop
         summary = self.summary(stop)
         if self.readout is not None:
             checkpoint.save(self.out / "readout.pt", {"config": cfg.to_json(), "readout": self.readout.state_dict(),
@@ -492,7 +494,8 @@ def steady_rate(arrivals: list[tuple[float, int]], warmup: float = 0.1) -> float
     return sum(n for _, n in arrivals[skip + 1 :]) / (t1 - t0) if t1 > t0 else None
 
 
-def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = True, resume: bool = False) -> dict:
+def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = True, resume: bool = False) -> bool:
+    """Collect until the stream's stop (returns False) or a SIGTERM to the sink alone (True: the run is not over)."""
     sink = Sink(cfg, topo, out, show_progress=show_progress, resume=resume)
 
     def request_stop(signum, frame):
@@ -500,4 +503,5 @@ def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = Tr
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C becomes an in-band stop from the source
     signal.signal(signal.SIGTERM, request_stop)
-    return sink.run()
+    sink.run()
+    return sink.stopped_alone

@@ -33,7 +33,7 @@ import zmq
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
 from ffpipe.data import Data, augment, batch_indices, input_stats
-from ffpipe.model import prepare_inputs
+from ffpipe.model import fit_whitening, prepare_inputs
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, Rejections, WireError
 
@@ -69,6 +69,7 @@ class Source:
         self.timeout_s = peer_timeout_s
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.mean, self.std = input_stats(data, cfg.standardize, cfg.equalize)
+        self.whiten = whitening(cfg, data, self.mean, self.std, Path(cfg.out)) if cfg.whiten else None
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
         self.rejected = Rejections("source")  # malformed messages from the sink's side
         self.stopping = False
@@ -97,7 +98,7 @@ class Source:
     # ---- what the stream holds
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return prepare_inputs(images, self.mean, self.std, self.cfg.standardize, self.cfg.equalize)
+        return prepare_inputs(images, self.mean, self.std, self.cfg.standardize, self.cfg.equalize, self.whiten)
 
     def _augmented(self, idx: torch.Tensor) -> torch.Tensor | None:
         """The batch's images after augmentation, or None when augmentation is off (the dataset's own)."""
@@ -321,6 +322,28 @@ class Source:
                 self._drain(inbox, POLL_MS)
             if time.monotonic() - t0 > self.timeout_s:
                 raise transport.PeerTimeout(f"source: the sink did not confirm the stop within {self.timeout_s:g}s")
+
+
+WHITENING = "whitening.pt"
+
+
+def whitening(cfg: RunConfig, data: Data, mean: torch.Tensor, std: torch.Tensor, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's ZCA whitening (--whiten): fitted on the training images once and saved to `out`/whitening.pt,
+    which a restarted or resumed source reads back (the same inputs to the last bit) and from which the launcher
+    assembles the model. A file from other data or another epsilon is fitted afresh."""
+    path = out / WHITENING
+    made = {"dataset": data.name, "train": len(data.train), "eps": cfg.whiten, "standardize": cfg.standardize,
+            "equalize": cfg.equalize}
+    if path.is_file():
+        saved = checkpoint.load(path)
+        if saved.get("made") == made:
+            return saved["center"], saved["matrix"]
+    t0 = time.perf_counter()
+    center, matrix = fit_whitening(data.train.x, mean, std, cfg.standardize, cfg.equalize, cfg.whiten)
+    checkpoint.save(path, {"made": made, "center": center, "matrix": matrix})
+    print(f"ffpipe source: ZCA whitening fitted on {len(data.train):,} training images ({center.numel():,} inputs, "
+          f"eps {cfg.whiten:g}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    return center, matrix
 
 
 def durable_state(out: Path, num_layers: int) -> tuple[int, int, bool]:

@@ -103,6 +103,7 @@ class Worker:
         self.update_s = self.update_cpu_s = 0.0  # state) are timed: wall and this thread's CPU, on a CPU device
         self.memory = PeakMemory()  # from the end of the first train batch (imports, layer and optimizer built)
         self.stopping = False
+        self.stopped_alone = False  # left on a SIGTERM of its own, not at the stream's stop: the run is not over
         self.passed_stop: Message | None = None  # the stop this layer forwarded before a restart (in its checkpoint)
         self.state = "waiting"  # what the heartbeat reports: waiting (for input), working, sending (blocked downstream)
         self.replayed = 0
@@ -423,6 +424,7 @@ class Worker:
             while True:
                 if self.stopping:  # SIGTERM to this worker alone: keep what it learned, leave without forwarding
                     self.save()
+                    self.stopped_alone = True
                     return
                 try:
                     msg = transport.recv(inbox, POLL_MS, check_finite=False)
@@ -470,7 +472,9 @@ class Worker:
 
 
 def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu", threads: int = 1,
-               resume: bool = False) -> None:
+               resume: bool = False) -> bool:
+    """Serve until the stream's stop (returns False) or a SIGTERM to this worker alone (True: the run goes on
+    without it, so its exit status says so)."""
     set_compute(threads or 1)
     worker = Worker(cfg, index, topo, out, device, resume=resume)
 
@@ -483,4 +487,5 @@ def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: st
     signal.signal(signal.SIGTERM, request_stop)
     worker.run()
     print(f"ffpipe layer {index}: applied {worker.applied} batches, rejected {worker.rejected.total()}, "
-          f"busy {worker.busy_s:.1f}s", flush=True)
+          f"busy {worker.busy_s:.1f}s" + (" (stopped by SIGTERM before the run's end)" if worker.stopped_alone else ""), flush=True)
+    return worker.stopped_alone

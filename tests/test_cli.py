@@ -194,6 +194,7 @@ def test_ctrl_c_stops_an_inprocess_run_and_says_which_epoch_is_saved(tmp_path):
 @pytest.mark.parametrize("pipeline, flags, message", [
     (False, ["--layers", "30,30"], "layers=[64, 64]); drop the flags that change it"),
     (False, ["--dataset", "mnist"], 'dataset="digits"'),
+    (False, ["--whiten", "0.5"], "whiten=0.0); drop the flags that change it"),  # the inputs the layers learned from
     (True, ["--batch-size", "20", "--seed", "3"], "batch_size=50, seed=0); drop the flags that change them"),
 ])
 def test_a_refused_resume_leaves_the_run_folder_as_it_was(trained, tmp_path, pipeline, flags, message):

@@ -1,5 +1,6 @@
 """Prediction: batched per-label goodness against a label-by-label reference."""
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -76,6 +77,31 @@ def test_equalize_makes_inputs_independent_of_contrast():
     # equalization depends (up to the ties the map made) only on the order of pixel values, which the map kept
     assert (eq_low - eq).abs().mean() < 0.5 * (prepare_inputs(low_contrast, zero, one, False) - plain).abs().mean()
     assert eq_low.std() > 2 * prepare_inputs(low_contrast, zero, one, False).std()  # contrast restored
+
+
+def test_zca_whitening_decorrelates_the_training_inputs_and_keeps_them_in_place():
+    from ffpipe.model import MAX_WHITENED, fit_whitening, prepare_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (600, 1, 4, 4), generator=gen).float()
+    images = (0.6 * base + 0.4 * base.roll(1, dims=3)).round().to(torch.uint8)  # neighbouring pixels correlated
+    mean, std = torch.tensor([0.5]), torch.tensor([0.2])
+    for eps in (1e-6, 1.0):
+        center, matrix = fit_whitening(images, mean, std, True, False, eps, chunk=128)  # 5 chunks, the last short
+        x = prepare_inputs(images, mean, std, True)
+        assert_close(center, x.mean(dim=0), atol=1e-5, rtol=0)
+        assert_close(matrix, matrix.T)  # ZCA: symmetric, no rotation into another basis
+        white = prepare_inputs(images, mean, std, True, whiten=(center, matrix))
+        cov, raw = torch.cov(white.T.double()), torch.cov(x.T.double())
+        s, u = torch.linalg.eigh(raw)  # each direction's variance s becomes s / (s + eps)
+        assert_close(cov, (u * (s / (s + eps))) @ u.T, atol=1e-4, rtol=1e-4)
+        if eps < 1e-3:
+            assert_close(cov, torch.eye(16, dtype=torch.float64), atol=1e-3, rtol=0)
+    # ZCA keeps each pixel where it was: a whitened pixel correlates best with its own raw value
+    corr = torch.corrcoef(torch.cat([white.T, x.T]))[:16, 16:]
+    assert torch.equal(corr.abs().argmax(dim=1), torch.arange(16))
+    with pytest.raises(ValueError, match=f"at most {MAX_WHITENED:,} inputs"):
+        fit_whitening(torch.zeros(2, 1, 65, 65, dtype=torch.uint8), mean, std, True, False, 1.0)
 
 
 def test_flip_tta_adds_the_mirror_images_scores():

@@ -31,9 +31,11 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_pipeline_applies_the_same_updates_as_in_process(tmp_path):
-    # with augmentation on, so the source must draw shifts from the generator exactly as the trainer does
-    common = [*SMALL, "--layers", "48,32,32", "--epochs", "2", "--negatives", "random", "--seed", "3", "--shift", "1"]
+@pytest.mark.parametrize("inputs", [[], ["--standardize", "--whiten", "0.1"]], ids=["plain", "whitened"])
+def test_pipeline_applies_the_same_updates_as_in_process(tmp_path, inputs):
+    # with augmentation on, so the source must draw shifts from the generator exactly as the trainer does; whitened,
+    # the source's ZCA fit (saved in whitening.pt, assembled into the model) must be the trainer's
+    common = [*SMALL, "--layers", "48,32,32", "--epochs", "2", "--negatives", "random", "--seed", "3", "--shift", "1", *inputs]
     _cli("run", *common, "--out", tmp_path / "pipe")
     _cli("run", "--inprocess", *common, "--out", tmp_path / "inproc")
     pipe, inproc = (checkpoint.load(tmp_path / d)["model"] for d in ("pipe", "inproc"))
@@ -210,6 +212,8 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert s["accounting"]["complete"] and s["accounting"]["applied"] == [40 * 29] * 2
     assert s["accounting"]["sent_train"] == 40 * 29 and s["accounting"]["received_train"] == 40 * 29
     assert s["accounting"]["sent_train_now"] == 40 * 29 - stopped  # nothing applied twice, nothing skipped
+    again = runner.invoke(app, ["run", "--resume", str(out), "--quiet"])  # finished: refused at once, not restarted
+    assert again.exit_code == 1 and "finished all 40 epochs" in again.output and "nothing to resume" in again.output
     _cli("run", *SMALL, *args, "--eval-every", "1", "--out", tmp_path / "straight")
     resumed, straight = checkpoint.load(out)["model"], checkpoint.load(tmp_path / "straight")["model"]
     for key in straight:

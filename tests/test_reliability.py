@@ -83,6 +83,28 @@ def test_kill_9_with_restart_applies_every_batch_exactly_once(tmp_path, referenc
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("role,index", [("layer", 1), ("sink", None)])
+def test_a_sigterm_to_one_layer_or_the_sink_alone_is_a_failure_the_launcher_restarts(tmp_path, role, index):
+    """Such a role saves its checkpoint and leaves; the run cannot finish without it, so it must not exit 0
+    (the launcher, like a container runtime, restarts only what failed): it exits 128 + SIGTERM."""
+    out = tmp_path / "run"
+    proc = _launch(out, "--restart", "on-failure")
+    _wait_until(proc, lambda: (out / "run.json").is_file() and (out / "layer1.pt").is_file()
+                and checkpoint.load(out / "layer1.pt")["last_batch"] >= 20)
+    victim = _pid(out, role, index)
+    os.kill(victim, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=150)
+    name = role if index is None else f"{role} {index}"
+    assert proc.returncode == 0, output
+    assert f"{name} (pid {victim}) died: stopped by a SIGTERM of its own before the run's end; restarting it" in output
+    s = _summary(out)
+    a = s["accounting"]
+    assert s["restarts"] == {name: 1} and not s["interrupted"] and a["complete"], a
+    assert a["applied"] == [BATCHES, BATCHES] and a["applied_twice"] == {"layer0": 0, "layer1": 0}
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_without_restart_a_kill_9_stops_everything_and_names_the_role(tmp_path):
     out = tmp_path / "run"
