@@ -207,7 +207,14 @@ class Sink:
         return y, classes
 
     def on_train(self, msg: Message, metrics: MetricsWriter, beliefs: zmq.Socket | None, progress: RunProgress) -> None:
+        # every check first: a message refused here must leave the readout, the counts and the metrics untouched
         y, classes = self._labels(msg)
+        if "feats" in msg.tensors and beliefs is not None and "idx" not in msg.tensors:
+            raise ValueError("a train message with readout features needs the images' idx")
+        for i in range(len(self.cfg.layers)):
+            loss = msg.scalars.get(f"loss.{i}")
+            if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+                raise ValueError(f"loss.{i} must be a number, got {type(loss).__name__}")
         if "feats" in msg.tensors:
             logits = self._readout_step(msg, classes)
         now = time.perf_counter()
@@ -239,14 +246,19 @@ class Sink:
     def on_eval(self, msg: Message, metrics: MetricsWriter, progress: RunProgress) -> None:
         s, t = msg.scalars, msg.tensors
         y, classes = self._labels(msg)
-        if t["goodness"].shape != (len(y), classes) or not all(isinstance(s.get(k), int) for k in ("round", "batches")):
-            raise ValueError("eval message needs goodness (B, C) and integer round and batches")
+        g = t["goodness"]
+        if g.shape != (len(y), classes) or not g.is_floating_point() or not all(isinstance(s.get(k), int) for k in ("round", "batches")):
+            raise ValueError("eval message needs float goodness (B, C) and integer round and batches")
+        correct = int((g.argmax(1) == y).sum())
+        readout_correct = 0
+        if "feats" in t and self.readout is not None and t["feats"].shape == (len(y), self.readout.in_features):
+            readout_correct = int((self.readout(t["feats"].float()).argmax(1) == y).sum())
+        # counted only now: a message refused above leaves the round as it was
         self.received["eval"] += 1
         r = self.rounds.setdefault(int(s["round"]), {"n": 0, "correct": 0, "readout_correct": 0, "parts": 0})
         r["n"] += len(y)
-        r["correct"] += int((t["goodness"].argmax(1) == y).sum())
-        if "feats" in t and self.readout is not None and t["feats"].shape == (len(y), self.readout.in_features):
-            r["readout_correct"] += int((self.readout(t["feats"].float()).argmax(1) == y).sum())
+        r["correct"] += correct
+        r["readout_correct"] += readout_correct
         r["parts"] += 1
         if r["parts"] < int(s["batches"]):
             return

@@ -204,6 +204,8 @@ class Worker:
         elif msg.kind == "train":
             t["x_pos"] = ff.overlay(x, self._labels(t, "y", x.shape[0], c), c, value)
             t["x_neg"] = ff.overlay(x, self._labels(t, "neg", x.shape[0], c), c, value)
+        elif self.layer is None:  # before the first batch, `classes` is anything the message says: build nothing
+            raise WireError(f"an eval batch before layer {self.index} has seen its first train batch")
         else:
             t["x_all"] = x if cfg.competitive else ff.overlay_all_labels(x, c, value)
         if cfg.uses_readout and not cfg.competitive:  # the competitive loss's own pass is the readout's

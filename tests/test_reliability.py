@@ -335,3 +335,28 @@ def test_a_resent_batch_tells_the_sink_what_the_layers_hold_now(sink_at_hand):
     duplicate(_held(3, 30))
     assert (sink.durable_next, sink.durable_batch, sink.duplicates) == (30, 30, 1)
     assert sink.received["train"] == 30  # not taken twice
+
+
+def test_a_message_the_sink_refuses_leaves_its_counts_its_rounds_and_its_readout_as_they_were(sink_at_hand):
+    """Every check comes before the first change: a malformed eval (goodness of bool) once counted its rows into
+    the round before failing, and the real message of the same stream number then completed it at half the
+    accuracy; a train message with a non-numeric loss was counted, then refused, then taken again."""
+    import torch
+
+    from ffpipe.wire import Message
+
+    sink, take, _, _ = sink_at_hand
+    y = torch.zeros(4, dtype=torch.long)
+    bad_loss = Message("train", 0, 0, {"total": 500, "classes": 10, "batch": 1, "loss.0": "high"}, {"y": y, "idx": torch.arange(4)})
+    with pytest.raises(ValueError, match="loss.0 must be a number"):
+        take(bad_loss)
+    assert sink.received["train"] == 0 and sink.samples == 0 and sink.expected == 0
+    take(_held(0, 0))
+    scalars = {"classes": 10, "round": 1, "batches": 1, "split": "test"}
+    right = torch.zeros(4, 10)
+    right[:, 0] = 1.0  # every image scored right
+    with pytest.raises(ValueError, match="float goodness"):
+        take(Message("eval", 1, 1, scalars, {"y": y, "goodness": torch.zeros(4, 10, dtype=torch.bool)}))
+    assert sink.received["eval"] == 0 and sink.rounds == {} and sink.expected == 1
+    take(Message("eval", 1, 1, scalars, {"y": y, "goodness": right}))
+    assert sink.received == {"train": 1, "eval": 1} and [(h["accuracy"], h["samples"]) for h in sink.history] == [(1.0, 4)]

@@ -187,3 +187,25 @@ def test_a_malformed_batch_before_the_first_real_one_does_not_decide_layer0s_wid
         worker.on_train(rogue)
     worker.on_train(decode(_train(IN)))
     assert worker.applied == 1
+
+
+def test_an_eval_before_the_first_batch_is_refused_before_layer0_writes_any_label_into_it(tmp_path, monkeypatch):
+    """Before its first train batch layer 0 has no class count to hold a message to, so writing every label into
+    an eval batch of up to 100,000 classes and as many inputs (a 40 GB tensor) killed it with an allocation error."""
+    from ffpipe import worker as worker_module
+
+    cfg = config.RunConfig.from_json(_config(tmp_path).read_text())
+    worker = Worker(cfg, 0, Topology.local(len(WIDTHS)), tmp_path)
+
+    def overlay_all_labels(*args):
+        raise AssertionError("wrote the labels into an eval batch before the layer existed")
+
+    monkeypatch.setattr(worker_module.ff, "overlay_all_labels", overlay_all_labels)
+    c = 1000
+    rogue = decode(_frames("eval", {"round": 1, "batches": 1, "classes": c}, x=torch.rand(1, c), goodness=torch.zeros(1, c),
+                           y=torch.zeros(1, dtype=torch.int64)))
+    with pytest.raises(WireError, match="before layer 0 has seen its first train batch"):
+        worker.on_eval(rogue)
+    monkeypatch.undo()
+    worker.on_train(decode(_train(IN)))  # the first real batch still decides everything
+    assert worker.applied == 1
