@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,8 +28,10 @@ from ffpipe.config import RunConfig
 from ffpipe.data import Data, input_stats
 from ffpipe.layer import check_net, out_widths
 from ffpipe.metrics import write_json
-from ffpipe.source import WHITENING
+from ffpipe.source import EVAL_BATCH, WHITENING
 from ffpipe.topology import Topology
+from ffpipe.transport import MAX_MSG_BYTES
+from ffpipe.wire import MAX_TENSOR_BYTES
 
 STOPPED_ALONE = 128 + signal.SIGTERM  # a layer's or the sink's exit status after a SIGTERM of its own, mid-run
 STOP_GRACE_S = 10.0  # after a stop request, how long the pipeline may take to drain before it is killed
@@ -87,6 +90,24 @@ def die_with_launcher(variable: str = "FFPIPE_LAUNCHER_PID") -> None:
         sys.exit("ffpipe: the process that started this one is gone")
 
 
+def check_message_sizes(cfg: RunConfig, widths: list[int], num_classes: int, train_images: int) -> None:
+    """Refuse, before any process starts, a run whose layers would forward messages over the wire's caps: each
+    would apply its batch and then fail to send it on. Train messages carry B rows per tensor (positive, negative
+    and, for the readout, neutral); evaluation messages EVAL_BATCH images, each once per label with the overlay."""
+    overlay = not cfg.competitive
+    tensors = 2 if overlay else 1
+    if overlay and cfg.uses_readout:
+        tensors += 1
+    for i, width in enumerate(widths):
+        for kind, rows in (("train", min(cfg.batch_size, train_images)), ("evaluation", EVAL_BATCH * (num_classes if overlay else 1))):
+            one = rows * width * 4  # float32
+            if one > MAX_TENSOR_BYTES or one * tensors > MAX_MSG_BYTES:
+                fix = "a smaller --batch-size" if kind == "train" else "narrower layers"
+                raise ValueError(f"layer {i} would forward {kind} messages of {rows:,} x {width:,} floats ({one / 2**20:,.0f} MB a "
+                                 f"tensor), over the wire's caps ({MAX_TENSOR_BYTES >> 20} MB a tensor, {MAX_MSG_BYTES >> 20} MB a "
+                                 f"message): use {fix}")
+
+
 class Launcher:
     def __init__(self, cfg: RunConfig, data: Data, devices: list[str], threads: int, show_progress: bool = True,
                  resume: bool = False, pin: bool = False, keys=None, restart: str = "no", max_restarts: int = 3):
@@ -96,6 +117,7 @@ class Launcher:
             raise ValueError(f"--max-restarts must be >= 0; got {max_restarts}")
         # what a layer process would refuse at its first batch, refused here before any process starts
         shapes = check_net(cfg.layers, data.shape, data.num_classes, cfg.competitive)
+        check_message_sizes(cfg, [math.prod(out) for _, _, out in shapes], data.num_classes, len(data.train))
         self.restart, self.max_restarts = restart, max_restarts
         self.restarts: dict[str, int] = {}
         self.cfg, self.data, self.devices, self.threads = cfg, data, devices, threads

@@ -28,7 +28,9 @@ def queue_depth() -> int:
 
 # Messages queued in a sender and in a receiver: with both, a link holds a handful of batches. FFPIPE_HWM sets
 # both (the benchmark's batches-in-flight sweep); the default 2 keeps layers fed without hoarding memory.
-MAX_MSG_BYTES = 1 << 30  # sockets drop (and ZeroMQ disconnects) any single message above this
+MAX_MSG_BYTES = 1 << 30  # what we send at most; receiving sockets drop (and ZeroMQ disconnects) any frame above this.
+# ZeroMQ applies MAXMSGSIZE per frame and delivers a multipart message whole, so a peer can still queue many frames:
+# the decoder refuses more than MAX_TENSORS of them, once they are here (--keys keeps such peers out)
 KERNEL_BUFFER = 256 * 1024  # TCP send/receive buffers: without a cap the kernel would hold many small batches
 LINGER_MS = 2000  # how long close() may wait to flush queued messages (stop must get through)
 _SMALL = 16 * 1024  # frames below this are copied into ZeroMQ (cheaper than tracking them)

@@ -37,7 +37,7 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 16
 MAX_DIMS = 4
-MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor, both ways; sockets also cap whole messages (MAXMSGSIZE)
+MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor, both ways; sockets also cap each frame (MAXMSGSIZE)
 MAX_DIM = 2**31
 
 

@@ -456,7 +456,10 @@ class Worker:
                     continue
                 if reply is not None:
                     self.state = "sending"
-                    transport.send(outbox, self._for_next(reply), self.timeout_ms)
+                    try:
+                        transport.send(outbox, self._for_next(reply), self.timeout_ms)
+                    except WireError as e:  # over the wire's caps: only a forged message can make one (the launcher
+                        self.rejected.add(f"reply to {msg.kind}: {e}"[:160])  # refuses runs whose batches would)
                 self.state = "waiting"
             scalars = {k: v for k, v in msg.scalars.items() if k.startswith("source.") or _earlier_layer_key(k, self.index)}
             stop = Message("stop", msg.seq, msg.epoch, {**scalars, **self.stats()})

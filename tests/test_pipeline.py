@@ -198,6 +198,18 @@ def test_role_flags_are_checked(tmp_path):
         assert result.exit_code == 1 and message in result.output, result.output
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--layers", "64,600000"], "layer 1 would forward evaluation messages of 2,500 x 600,000 floats (5,722 MB a tensor)"),
+    (["--dataset", "synthetic", "--layers", "64,40000", "--batch-size", "4000"],
+     "layer 1 would forward train messages of 4,000 x 40,000 floats (610 MB a tensor)"),
+])
+def test_a_run_whose_messages_would_exceed_the_wires_caps_is_refused_before_it_starts(tmp_path, flags, message):
+    """Each layer would apply its batch and then fail to send it on: refused in one line, no process started."""
+    result = runner.invoke(app, ["run", "--dataset", "digits", *flags, "--epochs", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "run.json").exists()
+
+
 @pytest.mark.slow
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path):
     args = ["--layers", "64,64", "--epochs", "40", "--negatives", "random"]
