@@ -10,6 +10,7 @@ Writes OUT/bench.json (one record per run, with its exact configuration), OUT/be
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -68,8 +69,12 @@ class BenchOptions:
             raise ValueError("--to-accuracy takes accuracies in (0, 1], e.g. 0.93,0.98")
         if self.negatives not in ("random", "hard"):
             raise ValueError("--negatives must be random or hard")
-        if self.timeout_s <= 0 or self.accuracy_timeout_s <= 0:
-            raise ValueError("--timeout and --accuracy-timeout must be > 0")
+        if not (self.timeout_s > 0 and self.accuracy_timeout_s > 0) or math.inf in (self.timeout_s, self.accuracy_timeout_s):
+            raise ValueError("--timeout and --accuracy-timeout must be finite and > 0")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0; got {self.seed}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} is a file; the bench writes a folder")
 
 
 def _spec(o: BenchOptions, variant: str, kind: str, layers: tuple[int, ...], work: Path, **over) -> dict:

@@ -62,7 +62,7 @@ def main(
 
 @app.command()
 def run(
-    preset: Annotated[str, typer.Option(help="Named recipe: quick, hinton or seed (`ffpipe presets` lists them).", envvar="FFPIPE_PRESET", rich_help_panel=_PANEL_TRAIN)] = "quick",
+    preset: Annotated[Optional[str], typer.Option(help="Named recipe: quick, hinton or seed (`ffpipe presets` lists them). Default quick.", envvar="FFPIPE_PRESET", rich_help_panel=_PANEL_TRAIN)] = None,
     dataset: Annotated[Optional[str], typer.Option(help="auto, mnist, fashion-mnist, cifar10, fer2013, digits or synthetic (generated, no files). auto: MNIST if found or downloadable, else scikit-learn's 8x8 digits.", envvar="FFPIPE_DATASET", rich_help_panel=_PANEL_DATA)] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets (default ./data).", envvar="FFPIPE_DATA_DIR", rich_help_panel=_PANEL_DATA)] = None,
     download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing datasets with torchvision.", rich_help_panel=_PANEL_DATA)] = None,
@@ -109,7 +109,7 @@ def run(
     keys: Annotated[Optional[Path], typer.Option(help="Encrypt and authenticate every link with the CURVE keys in this folder (`ffpipe keys DIR` makes them).", envvar="FFPIPE_KEYS", rich_help_panel=_PANEL_PIPE)] = None,
     pin: Annotated[bool, typer.Option("--pin", help="Pin layer i to core i mod n, the source and the sink to the core whose layers cost least; Linux.", rich_help_panel=_PANEL_PIPE)] = False,
     bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder (its config; flags such as --epochs still override).", rich_help_panel=_PANEL_RUN)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this folder with its own config (in-process, flags such as --epochs still override; a pipeline resumes with the same epochs, batch size and seed).", rich_help_panel=_PANEL_RUN)] = None,
     restart: Annotated[str, typer.Option(help="Pipeline: no, or on-failure (a role that dies is started again from its checkpoint and the source resends what was lost).", envvar="FFPIPE_RESTART", rich_help_panel=_PANEL_PIPE)] = "no",
     max_restarts: Annotated[int, typer.Option(help="With --restart on-failure: restarts allowed per role.", rich_help_panel=_PANEL_PIPE)] = 3,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Pipeline: train batches between a layer's checkpoints (a crash loses and replays at most this many, and the few trained while one was written).", rich_help_panel=_PANEL_PIPE)] = None,
@@ -143,17 +143,26 @@ def run(
             config_file = resume / "config.json"
             if not config_file.is_file():
                 raise CheckpointError(f"{resume}: no config.json there; is it an ffpipe run folder?")
+            if out is not None and out.resolve() != resume.resolve():
+                raise ValueError(f"--resume continues the run in {resume} itself; drop --out {out}")
+            if inprocess and (resume / "run.json").is_file() and role is None:
+                raise ValueError(f"{resume} is a pipelined run: resume it as one (without --inprocess)")
             flags["out"] = str(resume)
             inprocess = inprocess or not (resume / "run.json").is_file()
         if config_file is not None:
             base = _read_config(config_file)
+            if preset is not None and preset != base.preset:
+                raise ValueError(f"--preset {preset}: {config_file} was made with the {base.preset} preset and sets every field; "
+                                 "drop --preset (flags still override single fields)")
             cfg = config.override_nested(config.apply(base, **flags), **nested)
             if resume is not None:  # refused here, before config.json is rewritten: a refused resume changes nothing
                 _check_resume(base, cfg, pipeline=not inprocess)
                 if not inprocess and role is None and _finished(resume):
                     raise ValueError(f"{resume} finished all {base.epochs} epochs (its summary.json says so); nothing to resume")
         else:
-            cfg = config.override_nested(config.preset(preset, **flags), **nested)  # validates every flag before loading data
+            cfg = config.override_nested(config.preset(preset or "quick", **flags), **nested)  # validates every flag before loading data
+        if not inprocess and role is None and device is not None and device != "cpu":
+            raise ValueError(f"--device {device} places an --inprocess run; a pipeline places its layers with --devices")
         if inprocess and cfg.device.startswith("cuda") and role is None:
             import torch
 
@@ -168,7 +177,7 @@ def run(
             return
         data = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download)
         if data.name != cfg.dataset and config_file is None:  # "auto" resolved: apply the preset's defaults for that dataset
-            cfg = config.override_nested(config.preset(preset, **{**flags, "dataset": data.name}), **nested)
+            cfg = config.override_nested(config.preset(preset or "quick", **{**flags, "dataset": data.name}), **nested)
         elif data.name != cfg.dataset:
             cfg = config.apply(cfg, dataset=data.name)
         data = datasets.blur_test(datasets.hold_out(data, cfg.val_size, cfg.train_size), cfg.test_blur)
@@ -186,8 +195,11 @@ def run(
                 trainer.train(cfg, data, show_progress=not quiet, resume=state)
             except KeyboardInterrupt:
                 saved = Path(cfg.out) / checkpoint.FILENAME  # saved after each evaluation and at least every 30 s
-                held = f"epoch {checkpoint.load(saved)['epoch']} of {cfg.epochs} is saved" if saved.is_file() else "nothing was saved yet"
-                err.print(f"ffpipe: interrupted; {held}: continue with ffpipe run --resume {cfg.out}")
+                if saved.is_file():
+                    err.print(f"ffpipe: interrupted; epoch {checkpoint.load(saved)['epoch']} of {cfg.epochs} is saved: continue "
+                              f"with ffpipe run --resume {cfg.out}")
+                else:
+                    err.print("ffpipe: interrupted before anything was saved; start the run again to train it")
                 raise typer.Exit(130) from None
         else:
             from ffpipe import checkpoint, security
@@ -295,7 +307,7 @@ def eval_(
     from ffpipe import data as datasets
     from ffpipe.model import evaluate
     from ffpipe.plots import confusion_matrix, per_class_accuracy, plot_confusion
-    from ffpipe.serve import load_model
+    from ffpipe.serve import check_predict, load_model
 
     try:
         net, meta = load_model(checkpoint, device)
@@ -311,6 +323,9 @@ def eval_(
         part = {"test": data.test, "val": data.val, "train": data.train}[split]
         if part is None:
             raise ValueError("this run held out no validation set (val_size 0)")
+        check_predict(net, predict)
+        if confusion is not None and confusion.is_dir():
+            raise ValueError(f"--confusion {confusion} is a folder; give the PNG file to write, e.g. {confusion / 'confusion.png'}")
         if confusion is not None and not (confusion.parent.is_dir() and os.access(confusion.parent, os.W_OK)):
             raise ValueError(f"--confusion {confusion}: {confusion.parent} is not a folder this user can write to")
         result = evaluate(net, part.x, part.y, mode=predict, tta_flip=tta_flip)
@@ -334,12 +349,13 @@ def predict(
     device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
 ) -> None:
     """Classify image files with a trained model; prints one JSON line per image."""
-    from ffpipe.serve import classify_files, load_model
+    from ffpipe.serve import check_predict, classify_files, load_model
 
     try:
         if mode not in (None, "goodness", "readout"):
             raise ValueError(f"--predict must be goodness or readout; got {mode!r}")
         net, meta = load_model(checkpoint, device)
+        check_predict(net, mode)
         for row in classify_files(net, meta, images, mode):
             typer.echo(json.dumps(row))
     except (ValueError, DataError, CheckpointError) as e:

@@ -31,14 +31,17 @@ HEADER = """\
 """
 
 
+MAX_LAYERS = 256  # layer services a file may hold: each is a container with its own port (5551 + i)
+
+
 def compose_file(layers: int, gpus: list[str] | None = None, preset: str = "quick", dataset: str = "mnist",
                  width: int = 500, epochs: int | None = None) -> dict:
     """The compose document for `layers` layer services of `width` units; with `gpus`, layer i reserves
     GPU gpus[i mod n] and runs the CUDA image. `epochs` defaults to the preset's for the dataset."""
     from ffpipe.config import preset as make
 
-    if layers < 1:
-        raise ValueError(f"--layers must be at least 1; got {layers}")
+    if not 1 <= layers <= MAX_LAYERS:
+        raise ValueError(f"--layers must be 1 to {MAX_LAYERS} (one service and one port per layer); got {layers}")
     if dataset == "auto":  # each container would resolve it alone, and they must agree
         raise ValueError("--dataset auto is resolved per process; name the dataset, e.g. mnist")
     cfg = make(preset, dataset=dataset, layers=(width,) * layers, epochs=epochs)

@@ -47,6 +47,7 @@ class Child:
     index: int | None
     device: str
     proc: subprocess.Popen
+    told_the_rest: bool = False  # the source died of the stop's SIGTERM before sending the stop: the rest were told
 
     @property
     def name(self) -> str:
@@ -238,11 +239,23 @@ class Launcher:
                 print(f"ffpipe: the source has sent everything; letting the pipeline finish (at most {STOP_GRACE_S:g}s)",
                       file=sys.stderr, flush=True)
 
+    def _stopped(self, c: Child, rc: int) -> bool:
+        """During a stop the launcher asked for, a child that SIGTERM ended counts as stopped, not dead: one that
+        had not yet set up its handler (a busy machine, a role still importing torch) dies of it."""
+        return self.stop_requested_at is not None and rc in (-signal.SIGTERM, STOPPED_ALONE)
+
     def _watch(self) -> bool:
         """Until every child has exited; True when they stopped on request before the run finished."""
         while True:
             for k, c in enumerate(self.children):
                 rc = c.proc.poll()
+                if rc is not None and self._stopped(c, rc):
+                    if c.role == "source" and rc == -signal.SIGTERM and not c.told_the_rest:  # no in-band stop went out
+                        c.told_the_rest = True
+                        for other in self.children:
+                            if other.proc.poll() is None:
+                                other.proc.send_signal(signal.SIGTERM)  # a layer saves its checkpoint, then exits
+                    continue
                 if rc is not None and rc != 0:
                     what = (f"killed by {signal.Signals(-rc).name}" if rc < 0 else "stopped by a SIGTERM of its own before the run's end"
                             if rc == STOPPED_ALONE and c.role != "source" else f"exit code {rc}")
@@ -256,7 +269,7 @@ class Launcher:
                         continue
                     after = f" after {done} restart{'s' if done != 1 else ''}" if done else ""
                     raise PipelineError(f"{c.name} (pid {c.proc.pid}) died: {what}{after}; stopped the rest")
-            if all(c.proc.poll() == 0 for c in self.children):
+            if all(c.proc.poll() == 0 or (c.proc.poll() is not None and self._stopped(c, c.proc.poll())) for c in self.children):
                 summary = self.out / "summary.json"
                 interrupted = not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True)
                 return self.stop_requested_at is not None and interrupted

@@ -26,6 +26,14 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[FFNet, dict]:
     return net.to(device).eval(), meta
 
 
+def check_predict(net: FFNet, mode: str | None) -> None:
+    """Refuse to score by a readout that was never trained: its weights start at zero, and all-zero scores would
+    name class 0 for every image."""
+    if (mode or net.cfg.predict) == "readout" and not bool(net.readout.weight.any()):
+        raise ValueError("this model's linear readout was never trained (its run did not use one; every weight is 0): "
+                         "score it with --predict goodness")
+
+
 def read_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """An image file as the model's uint8 input: converted to its channels and resized. -> (C, H, W)"""
     from PIL import Image, UnidentifiedImageError

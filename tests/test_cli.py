@@ -241,3 +241,35 @@ def test_an_inprocess_run_on_cuda_without_a_gpu_or_a_bad_queue_depth_gets_one_li
     result = _run("run", "--dataset", "digits", "--out", tmp_path / "b")
     assert result.exit_code == 1 and "FFPIPE_HWM must be a positive integer" in result.output, result.output
     assert not (tmp_path / "b").exists()  # refused before the run folder was made
+
+
+def test_flags_that_would_be_ignored_or_misread_are_refused_in_one_line(trained, tmp_path):
+    """Each of these once did something else than asked, silently: wrote into the resumed folder instead of --out,
+    trained on the CPU while config.json said cuda, scored by an untrained readout (every image class 0), ..."""
+    import shutil
+
+    pipelined = tmp_path / "pipelined"
+    shutil.copytree(trained, pipelined)
+    (pipelined / "run.json").write_text("{}")  # what makes a folder a pipelined run
+    config_json = trained / "config.json"
+    (tmp_path / "file").write_text("")
+    untrained = tmp_path / "no-readout"
+    assert _run("run", "--inprocess", "--dataset", "digits", "--layers", "16,16", "--epochs", "1", "--negatives", "random",
+                "--threads", "1", "--out", untrained, "--quiet").exit_code == 0
+    for args, message in (
+        (["run", "--resume", trained, "--out", tmp_path / "elsewhere"], f"--resume continues the run in {trained} itself; drop --out"),
+        (["run", "--resume", pipelined, "--inprocess"], "is a pipelined run: resume it as one (without --inprocess)"),
+        (["run", "--config", config_json, "--preset", "hinton"], "was made with the quick preset and sets every field; drop --preset"),
+        (["run", "--dataset", "digits", "--device", "cuda", "--out", tmp_path / "r"], "a pipeline places its layers with --devices"),
+        (["eval", "--checkpoint", untrained, "--predict", "readout"], "readout was never trained"),
+        (["predict", "--checkpoint", untrained, "--predict", "readout", tmp_path / "file"], "readout was never trained"),
+        (["eval", "--checkpoint", trained, "--confusion", tmp_path], "is a folder; give the PNG file to write"),
+        (["bench", "--synthetic", "--out", tmp_path / "file"], "is a file; the bench writes a folder"),
+        (["bench", "--synthetic", "--seed", "-1"], "--seed must be >= 0"),
+        (["bench", "--synthetic", "--accuracy-timeout", "nan"], "must be finite and > 0"),
+        (["compose", "--layers", "100000", "--out", "-"], "--layers must be 1 to 256"),
+    ):
+        result = _run(*args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.output)
+    assert json.loads(config_json.read_text())["preset"] == "quick" and not (tmp_path / "elsewhere").exists()

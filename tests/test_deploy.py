@@ -101,7 +101,7 @@ def test_compose_file_for_any_number_of_layers():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--layers", "0"], "at least 1"),
+    (["--layers", "0"], "--layers must be 1 to 256"),
     (["--layers", "2", "--preset", "seed"], "in-process"),
     (["--layers", "2", "--preset", "nope"], "unknown preset"),
     (["--layers", "2", "--dataset", "auto"], "name the dataset"),

@@ -189,6 +189,40 @@ def test_a_dead_child_stops_the_rest_and_is_named(tmp_path, victim):
     assert not any(_alive(p["pid"]) for p in processes)
 
 
+def test_a_stop_whose_sigterm_kills_the_source_before_its_handler_stops_every_other_role(tmp_path):
+    """On a busy machine a Ctrl-C can come while the source is still importing torch: the launcher's SIGTERM then
+    kills it before it can send the in-band stop. The launcher counts that as stopped, not dead, and sends each
+    other role SIGTERM itself (a layer saves its checkpoint and exits 143); the run ends as stopped, at once."""
+    from ffpipe import data as datasets
+    from ffpipe.launcher import STOPPED_ALONE, Child, Launcher
+
+    cfg = config_for_launcher(tmp_path)
+    launcher = Launcher(cfg, datasets.load("digits", "data"), ["cpu", "cpu"], 1)
+    traps = f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit({STOPPED_ALONE})); print(1, flush=True); time.sleep(60)"
+    def child(role, index, code):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        return Child(role, index, "cpu", proc)
+    launcher.children = [child("sink", None, traps), child("layer", 1, traps), child("layer", 0, traps),
+                         child("source", None, "print(1, flush=True); import time; time.sleep(60)")]  # no handler
+    try:
+        for c in launcher.children:
+            assert c.proc.stdout.readline() == "1\n"  # running, and the trap is set where there is one
+        launcher.stop_requested_at = time.monotonic()
+        launcher.children[-1].proc.send_signal(signal.SIGTERM)  # what _on_signal does
+        assert launcher._watch() is True  # stopped on request, not "source died: killed by SIGTERM"
+        assert [c.proc.returncode for c in launcher.children] == [STOPPED_ALONE] * 3 + [-signal.SIGTERM]
+    finally:
+        for c in launcher.children:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def config_for_launcher(tmp_path):
+    from ffpipe import config
+
+    return config.preset("quick", dataset="digits", layers=(8, 8), epochs=1, out=str(tmp_path))
+
+
 def test_role_flags_are_checked(tmp_path):
     for args, message in ((["--role", "layer"], "--index"), (["--role", "router"], "--role must be"),
                           (["--role", "sink", "--layer-addrs", "127.0.0.1:1"], "1 addresses for 2 layers"),
