@@ -17,10 +17,10 @@ from rich.table import Table
 from ffpipe import __version__
 from ffpipe.checkpoint import CheckpointError
 from ffpipe.data import DataError
-from ffpipe.launcher import STOPPED_ALONE, PipelineError
+from ffpipe.launcher import PipelineError
 from ffpipe.layer import Diverged
 from ffpipe.model import MAX_WHITENED
-from ffpipe.transport import PeerTimeout
+from ffpipe.transport import STOPPED_ALONE, PeerTimeout
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Forward-Forward training, one process per layer.")
 err = Console(stderr=True, soft_wrap=True)

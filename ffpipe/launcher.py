@@ -30,10 +30,9 @@ from ffpipe.layer import check_net, out_widths
 from ffpipe.metrics import write_json
 from ffpipe.source import EVAL_BATCH, WHITENING
 from ffpipe.topology import Topology
-from ffpipe.transport import MAX_MSG_BYTES
+from ffpipe.transport import MAX_MSG_BYTES, STOPPED_ALONE
 from ffpipe.wire import MAX_TENSOR_BYTES
 
-STOPPED_ALONE = 128 + signal.SIGTERM  # a layer's or the sink's exit status after a SIGTERM of its own, mid-run
 STOP_GRACE_S = 10.0  # after a stop request, how long the pipeline may take to drain before it is killed
 
 

@@ -512,6 +512,7 @@ def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = Tr
 
     def request_stop(signum, frame):
         sink.stopping = True
+        transport.exit_soon_if_orphaned()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C becomes an in-band stop from the source
     signal.signal(signal.SIGTERM, request_stop)

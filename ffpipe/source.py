@@ -370,6 +370,7 @@ def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False)
 
     def request_stop(signum, frame):  # SIGTERM/SIGINT: stop sending batches, send stop, exit cleanly
         source.stopping = True
+        transport.exit_soon_if_orphaned()  # the launcher died: the layers it sent the stop to are going too
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

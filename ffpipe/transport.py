@@ -17,6 +17,7 @@ from ffpipe import security
 from ffpipe.security import Keys
 from ffpipe.wire import Message, WireError, decode, encode
 
+
 def queue_depth() -> int:
     """The high-water mark of every link: FFPIPE_HWM, read when a socket is made (a bad value is a ValueError
     there, not at import)."""
@@ -28,6 +29,8 @@ def queue_depth() -> int:
 
 # Messages queued in a sender and in a receiver: with both, a link holds a handful of batches. FFPIPE_HWM sets
 # both (the benchmark's batches-in-flight sweep); the default 2 keeps layers fed without hoarding memory.
+STOPPED_ALONE = 128 + 15  # a layer's or the sink's exit status after a SIGTERM of its own mid-run (128 + SIGTERM)
+ORPHAN_EXIT_S = 5.0  # a role whose launcher is gone has this long after its SIGTERM to save what it holds
 MAX_MSG_BYTES = 1 << 30  # what we send at most; receiving sockets drop (and ZeroMQ disconnects) any frame above this.
 # ZeroMQ applies MAXMSGSIZE per frame and delivers a multipart message whole, so a peer can still queue many frames:
 # the decoder refuses more than MAX_TENSORS of them, once they are here (--keys keeps such peers out)
@@ -64,6 +67,17 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def exit_soon_if_orphaned(seconds: float = ORPHAN_EXIT_S) -> None:
+    """Called from a role's SIGTERM handler. When the launcher that started this process is gone (its death sent
+    the SIGTERM, PR_SET_PDEATHSIG), no one waits for an orderly stop and its peers are going too: end the process
+    within `seconds`, whatever it is waiting on (a send to a dead peer would wait out the peer timeout)."""
+    parent = os.environ.get("FFPIPE_LAUNCHER_PID")
+    if parent and parent.isdigit() and os.getppid() != int(parent):
+        timer = threading.Timer(seconds, os._exit, (STOPPED_ALONE,))
+        timer.daemon = True
+        timer.start()
 
 
 class IdleClock:

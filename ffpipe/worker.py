@@ -485,6 +485,7 @@ def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: st
 
     def request_stop(signum, frame):  # finish the message in hand, checkpoint, exit
         worker.stopping = True
+        transport.exit_soon_if_orphaned()
 
     # Ctrl-C reaches the whole process group: the launcher turns it into a stop message from the source,
     # which ends each worker in order. SIGTERM sent to this worker alone stops it where it is.

@@ -173,6 +173,22 @@ def test_ctrl_c_stops_every_process_within_ten_seconds_with_checkpoints(tmp_path
 
 
 @pytest.mark.slow
+def test_no_role_outlives_a_launcher_killed_with_sigkill(tmp_path):
+    """Its death sends each role SIGTERM (PR_SET_PDEATHSIG). The source's orderly stop once went on trying to reach
+    layers that were gone for the peer timeout (120 s); an orphaned role now ends within 5 s of it, checkpoint kept."""
+    proc, out = _start(tmp_path)
+    _wait_until(proc, _training(out))
+    pids = [p["pid"] for p in json.loads((out / "run.json").read_text())["processes"]]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling other processes' exits: nothing to synchronize with
+    assert not any(_alive(p) for p in pids)
+    checkpoint.load(out / "layer0.pt")  # what it held is intact
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["layer", "source", "sink"])
 def test_a_dead_child_stops_the_rest_and_is_named(tmp_path, victim):
     proc, out = _start(tmp_path)
