@@ -8,7 +8,7 @@
 #     check-*/        the hinton preset on MNIST, pipelined on cuda, then in-process on cuda (pipeline issue)
 #     seed-*/         the seed report's recipe (`seed` preset) on MNIST, FER2013 and CIFAR-10 (results issue)
 #     cifar-a/        convolutional competitive FF on CIFAR-10, pipelined, every stage on cuda, 35 epochs
-#     cifar-lc/       the non-convolutional goal: locally connected competitive FF on CIFAR-10, pipelined, 20 epochs
+#     cifar-lc/       the non-convolutional goal: locally connected competitive FF on CIFAR-10, whitened, pipelined, 20 epochs
 # (bp-gpipe/bp-1f1b are left out: NCCL refuses two ranks on one GPU, as the first GPU session recorded.)
 # Every run is bounded by `timeout`; one stopped by it keeps its assembled checkpoint, which is then evaluated
 # on the test set once (test-eval.json). Everything comes back as $OUT/gpu-results.tar.gz (+ checkpoints tarred).
@@ -99,8 +99,9 @@ sleep 2
 job cifar-a 400 --dataset cifar10 --val-size 5000 --flip "${conv[@]}" --layers $CA \
   --batch-size 256 --epochs "$(ep 35)" --eval-every 5 --devices "$DEV" "${TS[@]}" &
 pids+=($!)
-sleep 2  # the CPU run's recipe (results/cifar10-lc-16), longer
-job cifar-lc 400 --dataset cifar10 --val-size 5000 --flip "${conv[@]}" --layers $LC \
+sleep 2  # the CPU run's recipe (results/cifar10-lc-zca-30: whitened inputs, a 2000 top, its readout), longer
+job cifar-lc 400 --dataset cifar10 --val-size 5000 --flip --whiten 1 "${conv[@]}" --layers $LC,2000 \
+  --predict readout --readout-optimizer adam --readout-lr 1e-3 \
   --batch-size 100 --epochs "$(ep 20)" --eval-every 4 --devices "$DEV" "${TS[@]}" &
 pids+=($!)
 wait $check  # the pipelined check first, then the same recipe in-process, alone of its kind

@@ -31,6 +31,7 @@ def main() -> None:
         recipe += ", equalized" if s.get("config", {}).get("equalize") else ""
         recipe += f", shift {s['config']['shift']}" if s.get("config", {}).get("shift") else ""
         recipe += ", flip" if s.get("config", {}).get("flip") else ""
+        recipe += f", ZCA {s['config']['whiten']:g}" if s.get("config", {}).get("whiten") else ""
         recipe += f", {s['config']['val_size']:,} held out" if s.get("config", {}).get("val_size") else ""
         where = "GPU" if "cuda" in json.dumps(s.get("devices") or s.get("device") or "") else "CPU"
         batch = s.get("config", {}).get("batch_size")
