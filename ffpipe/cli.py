@@ -33,6 +33,18 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _flag_named(message: str) -> str:
+    """A config's "retransmit_s must be > 0" as the user typed it: "--retransmit-after must be > 0"."""
+    import dataclasses
+
+    from ffpipe.config import LayerConfig, RunConfig
+
+    field, sep, rest = message.partition(" must be ")
+    flags = {f.name: "--" + f.name.replace("_", "-") for cls in (RunConfig, LayerConfig) for f in dataclasses.fields(cls)}
+    flags["retransmit_s"] = "--retransmit-after"
+    return f"{flags[field]}{sep}{rest}" if sep and field in flags else message
+
+
 def _parse_layers(text: str | None) -> tuple[int | str, ...] | None:
     if text is None:
         return None
@@ -134,6 +146,9 @@ def run(
     try:
         if restart not in ("no", "on-failure"):
             raise ValueError(f"--restart must be no or on-failure; got {restart!r}")
+        for flag, value, zero in (("--lr", lr, False), ("--readout-lr", readout_lr, False), ("--weight-decay", weight_decay, True)):
+            if value is not None and not (math.isfinite(value) and (value > 0 or zero and value == 0)):  # the config's
+                raise ValueError(f"{flag} must be {'>= 0' if zero else '> 0'}; got {value!r}")  # says only "lr"
         for flag, name in (("--optimizer", optimizer), ("--readout-optimizer", readout_optimizer)):
             if name is not None and name not in config.OPTIMIZERS:  # the config's own message cannot say which flag
                 raise ValueError(f"{flag} must be {' or '.join(config.OPTIMIZERS)}; got {name!r}")
@@ -157,8 +172,16 @@ def run(
             cfg = config.override_nested(config.apply(base, **flags), **nested)
             if resume is not None:  # refused here, before config.json is rewritten: a refused resume changes nothing
                 _check_resume(base, cfg, pipeline=not inprocess)
-                if not inprocess and role is None and _finished(resume):
-                    raise ValueError(f"{resume} finished all {base.epochs} epochs (its summary.json says so); nothing to resume")
+                if not inprocess and role is None:
+                    from ffpipe import checkpoint
+
+                    # a corrupt checkpoint is named here, before any role starts (each role refuses it too, but the first
+                    # role to die, which the launcher reports, could be another, stopped for another reason)
+                    for path in sorted(resume.glob("layer*.pt")) + [resume / "sink.pt"]:
+                        if path.is_file():
+                            checkpoint.load(path, map_location="cpu")
+                    if _finished(resume):
+                        raise ValueError(f"{resume} finished all {base.epochs} epochs (its summary.json says so); nothing to resume")
         else:
             cfg = config.override_nested(config.preset(preset or "quick", **flags), **nested)  # validates every flag before loading data
         if not inprocess and role is None and device is not None and device != "cpu":
@@ -205,14 +228,10 @@ def run(
             from ffpipe import checkpoint, security
             from ffpipe.launcher import launch
 
-            if resume is not None:  # a corrupt checkpoint is named here, before any role starts (each role refuses
-                for path in sorted(resume.glob("layer*.pt")) + [resume / "sink.pt"]:  # it too, but the first role to
-                    if path.is_file():  # die, which the launcher reports, could be another, stopped for another reason)
-                        checkpoint.load(path, map_location="cpu")
             launch(cfg, data, devices=devices, threads=threads or 1, show_progress=not quiet, resume=resume is not None, pin=pin,
                    keys=security.load(keys) if keys else None, restart=restart, max_restarts=max_restarts)
     except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError, Diverged) as e:
-        raise _fail(str(e)) from None
+        raise _fail(_flag_named(str(e))) from None
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
 
@@ -310,6 +329,7 @@ def eval_(
     from ffpipe.serve import check_predict, load_model
 
     try:
+        _assemble_if_roles_ran_apart(checkpoint, data_dir)
         net, meta = load_model(checkpoint, device)
         cfg = net.cfg
         if split not in ("test", "val", "train"):
@@ -341,6 +361,31 @@ def eval_(
         raise _fail(str(e)) from None
 
 
+def _assemble_if_roles_ran_apart(run: Path, data_dir: Path | None) -> None:
+    """A pipelined run whose roles ran apart (compose, Kubernetes, several hosts) has no launcher to assemble its
+    checkpoint.pt: its layer checkpoints, readout and whitening are assembled here, once, the input statistics taken
+    from its training images as the launcher takes them."""
+    from ffpipe import checkpoint as ck, data as datasets
+    from ffpipe.launcher import assemble_checkpoint
+
+    if not run.is_dir() or (run / ck.FILENAME).is_file() or not (run / "layer0.pt").is_file():
+        return
+    if (run / "config.json").is_file():  # written by a launcher; roles started apart keep theirs in sink.pt
+        cfg = _read_config(run / "config.json")
+    elif (run / "sink.pt").is_file():
+        from ffpipe.config import RunConfig
+
+        cfg = RunConfig.from_json(ck.load(run / "sink.pt")["config"])
+    else:
+        raise CheckpointError(f"{run}: no {ck.FILENAME}, and neither config.json nor sink.pt to assemble one with")
+    missing = [f"layer{i}.pt" for i in range(len(cfg.layers)) if not (run / f"layer{i}.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"{run}: no {ck.FILENAME}, and no {', '.join(missing)} to assemble one from")
+    data = datasets.hold_out(datasets.load(cfg.dataset, data_dir or cfg.data_dir, download=cfg.download), cfg.val_size, cfg.train_size)
+    path = assemble_checkpoint(run, cfg, data)
+    err.print(f"ffpipe: {run} had no {ck.FILENAME} (its roles ran apart); assembled {path} from its layer checkpoints")
+
+
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to classify (converted to the model's input size).")],
@@ -354,6 +399,9 @@ def predict(
     try:
         if mode not in (None, "goodness", "readout"):
             raise ValueError(f"--predict must be goodness or readout; got {mode!r}")
+        if checkpoint.is_dir() and not (checkpoint / "checkpoint.pt").is_file() and (checkpoint / "layer0.pt").is_file():
+            raise CheckpointError(f"{checkpoint}: no checkpoint.pt (its roles ran apart); ffpipe eval --checkpoint {checkpoint} "
+                                  "assembles one from its layer checkpoints")
         net, meta = load_model(checkpoint, device)
         check_predict(net, mode)
         for row in classify_files(net, meta, images, mode):

@@ -290,26 +290,32 @@ class Launcher:
                 c.proc.wait()
 
     def assemble_checkpoint(self) -> None:
-        """Layer checkpoints + the sink's readout -> one checkpoint.pt that `ffpipe eval`/`predict` load."""
-        cfg = self.cfg
-        state = {}
-        for i in range(len(cfg.layers)):
-            part = checkpoint.load(self.out / f"layer{i}.pt")
-            state.update({f"layers.{i}.{k}": v for k, v in part["layer"].items()})
-        readout = self.out / "readout.pt"
-        width = sum(out_widths(cfg.layers, self.data.shape)[cfg.first_readout :])
-        use_readout = cfg.uses_readout and readout.is_file()
-        state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if use_readout else torch.zeros(self.data.num_classes, width)
-        mean, std = input_stats(self.data, cfg.standardize, cfg.equalize)
-        state.update(input_mean=mean, input_std=std)
-        if cfg.whiten:  # the source fitted it (and saved it) before the first batch
-            saved = checkpoint.load(self.out / WHITENING)
-            state.update(whiten_center=saved["center"], whiten_matrix=saved["matrix"])
-        checkpoint.save(self.out / checkpoint.FILENAME, {
-            "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,
-            "data": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
-        })
+        assemble_checkpoint(self.out, self.cfg, self.data)
 
+
+def assemble_checkpoint(out: Path, cfg: RunConfig, data: Data) -> Path:
+    """Layer checkpoints + the sink's readout -> one checkpoint.pt in `out` that `ffpipe eval`/`predict` load: the
+    launcher's last step, and `ffpipe eval`'s for a run whose roles ran apart (compose, Kubernetes, several hosts).
+    `data`: the run's dataset after its hold-out, whose training images give the input statistics."""
+    state = {}
+    for i in range(len(cfg.layers)):
+        part = checkpoint.load(out / f"layer{i}.pt")
+        state.update({f"layers.{i}.{k}": v for k, v in part["layer"].items()})
+    readout = out / "readout.pt"
+    width = sum(out_widths(cfg.layers, data.shape)[cfg.first_readout :])
+    use_readout = cfg.uses_readout and readout.is_file()
+    state["readout.weight"] = checkpoint.load(readout)["readout"]["weight"] if use_readout else torch.zeros(data.num_classes, width)
+    mean, std = input_stats(data, cfg.standardize, cfg.equalize)
+    state.update(input_mean=mean, input_std=std)
+    if cfg.whiten:  # the source fitted it (and saved it) before the first batch
+        saved = checkpoint.load(out / WHITENING)
+        state.update(whiten_center=saved["center"], whiten_matrix=saved["matrix"])
+    path = out / checkpoint.FILENAME
+    checkpoint.save(path, {
+        "config": cfg.to_json(), "model": state, "epoch": cfg.epochs,
+        "data": {"name": data.name, "shape": list(data.shape), "classes": data.classes},
+    })
+    return path
 
 def pin_plan(costs: list[float], cores: list[int] | None = None) -> dict[str, set[int]]:
     """--pin: layer i on core i mod n of the cores this process may use (or `cores`); the source and the sink

@@ -373,9 +373,9 @@ class Sink:
                 while stop is None and not self.stopping:
                     try:
                         msg = transport.recv(inbox, POLL_MS)
-                    except WireError as e:
+                    except WireError as e:  # refused, and no sign of life: the checks below still run
                         self.rejected.add(str(e)[:120])
-                        continue
+                        msg = None
                     self._check_silence()
                     self._ack(control)
                     if time.monotonic() - traffic_at > self.timeout_ms / 1000:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,14 +86,23 @@ class IdleClock:
 
     def __init__(self, who: str, limit_ms: int):
         self.who, self.limit_ms, self.waited_ms = who, limit_ms, 0
+        self.since = time.monotonic()  # the last message taken
 
     def tick(self, ms: int) -> None:
         self.waited_ms += ms
         if self.waited_ms >= self.limit_ms:
             raise PeerTimeout(f"{self.who}: nothing received for {self.waited_ms / 1000:g}s")
 
+    def rejected(self) -> None:
+        """A refused message is no sign of life either: past the limit since the last message taken (wall time,
+        so a stream of junk cannot hold the role waiting for ever), the peer counts as gone."""
+        waited = time.monotonic() - self.since
+        if waited * 1000 >= self.limit_ms:
+            raise PeerTimeout(f"{self.who}: nothing but refused messages for {waited:.0f}s")
+
     def reset(self) -> None:
         self.waited_ms = 0
+        self.since = time.monotonic()
 
 
 def pull(ctx: zmq.Context, url: str, hwm: int | None = None, keys: Keys | None = None) -> zmq.Socket:

@@ -453,6 +453,7 @@ class Worker:
                         self.memory.training_pauses()
                 except (WireError, KeyError) as e:  # a bad message: count it, say so once per reason, keep serving
                     self.rejected.add(f"{type(e).__name__}: {e}"[:160])
+                    idle.rejected()
                     continue
                 if reply is not None:
                     self.state = "sending"

@@ -130,7 +130,7 @@ def test_predict_classifies_image_files(trained, tmp_path):
         (["run", "--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**63)"),
         (["run", "--dataset", "imagenet"], "dataset must be one of"),
         (["run", "--epochs", "0"], "epochs"),
-        (["run", "--test-blur", "-1"], "test_blur must be >= 0"),
+        (["run", "--test-blur", "-1"], "--test-blur must be >= 0"),
         (["run", "--norm", "batch"], "norm"),
         (["run", "--optimizer", "lbfgs"], "--optimizer must be sgd or adam; got 'lbfgs'"),
         (["run", "--readout-optimizer", "lbfgs"], "--readout-optimizer must be sgd or adam; got 'lbfgs'"),
@@ -273,3 +273,15 @@ def test_flags_that_would_be_ignored_or_misread_are_refused_in_one_line(trained,
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.output)
     assert json.loads(config_json.read_text())["preset"] == "quick" and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--retransmit-after", "0"], "--retransmit-after must be > 0"),  # the config field is retransmit_s
+    (["--readout-lr", "-1"], "--readout-lr must be > 0"),  # the readout's optimizer and the layers' both call it lr
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--val-size", "-3"], "--val-size must be >= 0"),
+])
+def test_a_bad_value_is_named_by_its_flag(flags, message, tmp_path):
+    result = _run("run", "--dataset", "digits", *flags, "--out", tmp_path)
+    assert result.exit_code == 1 and f"error: {message}; got " in result.output, result.output

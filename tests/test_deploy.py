@@ -270,3 +270,11 @@ def test_compose_stop_then_up_resumes_the_run(tmp_path, services_of):
     a = resumed["accounting"]
     assert not resumed["interrupted"] and a["complete"] and a["sent_train"] == total and a["applied"] == [total, total]
     assert a["sent_train_now"] == total - done  # the resumed source sent only what the layers had not applied
+    # no launcher assembled checkpoint.pt: ffpipe eval does, once, and scores the model as the sink did
+    out = runs / "compose"
+    assert not (out / "checkpoint.pt").exists()
+    scored = subprocess.run([sys.executable, "-m", "ffpipe", "eval", "--checkpoint", str(out), "--data-dir", str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0 and "assembled" in scored.stderr, scored.stderr
+    assert json.loads(scored.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(resumed["test_accuracy"])
+    assert (out / "checkpoint.pt").is_file()

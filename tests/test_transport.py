@@ -60,3 +60,20 @@ def test_idle_clock_raises_past_its_limit():
     clock.tick(900)
     with pytest.raises(transport.PeerTimeout, match="layer 3: nothing received for 1.2s"):
         clock.tick(300)
+
+
+def test_a_stream_of_refused_messages_does_not_hold_the_idle_clock(monkeypatch):
+    """Refused messages neither tick (no empty poll) nor reset the clock: junk every 0.2 s used to keep a role
+    waiting past its limit for ever. Past the limit since the last message taken, the next refusal raises."""
+    now = [100.0]
+    monkeypatch.setattr(transport.time, "monotonic", lambda: now[0])
+    clock = transport.IdleClock("layer 3", 1000)
+    for _ in range(4):  # 0.8 s of junk
+        now[0] += 0.2
+        clock.rejected()
+    clock.reset()  # a message taken
+    now[0] += 0.9
+    clock.rejected()
+    now[0] += 0.2
+    with pytest.raises(transport.PeerTimeout, match="layer 3: nothing but refused messages for 1s"):
+        clock.rejected()
