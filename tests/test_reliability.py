@@ -48,20 +48,25 @@ def _pid(out, role, index):
     return next(p["pid"] for p in processes if p["role"] == role and p["index"] == index)
 
 
+def _signal_mid_run(tmp_path, role, index, sig, after):
+    """A run with --restart on-failure; `sig` to one role once layer 1 holds batch `after`; the run must finish."""
+    out = tmp_path / "run"
+    proc = _launch(out, "--restart", "on-failure")
+    _wait_until(proc, lambda: (out / "run.json").is_file() and (out / "layer1.pt").is_file()
+                and checkpoint.load(out / "layer1.pt")["last_batch"] >= after)
+    victim = _pid(out, role, index)
+    os.kill(victim, sig)
+    output, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, output
+    return out, output, role if index is None else f"{role} {index}", victim
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("role,index", [("layer", 0), ("layer", 1), ("source", None), ("sink", None)])
 def test_kill_9_with_restart_applies_every_batch_exactly_once(tmp_path, reference, role, index):
-    out = tmp_path / "run"
-    proc = _launch(out, "--restart", "on-failure")
     target = random.Random(f"{role}{index}").randrange(10, 60)  # a random point of the run, in batches
-    _wait_until(proc, lambda: (out / "run.json").is_file() and (out / "layer1.pt").is_file()
-                and checkpoint.load(out / "layer1.pt")["last_batch"] >= target)
-    victim = _pid(out, role, index)
-    os.kill(victim, signal.SIGKILL)
-    output, _ = proc.communicate(timeout=150)
-    name = role if index is None else f"{role} {index}"
-    assert proc.returncode == 0, output
+    out, output, name, victim = _signal_mid_run(tmp_path, role, index, signal.SIGKILL, target)
     assert f"{name} (pid {victim}) died: killed by SIGKILL; restarting it" in output
     s = _summary(out)
     a = s["accounting"]
@@ -88,15 +93,7 @@ def test_kill_9_with_restart_applies_every_batch_exactly_once(tmp_path, referenc
 def test_a_sigterm_to_one_layer_or_the_sink_alone_is_a_failure_the_launcher_restarts(tmp_path, role, index):
     """Such a role saves its checkpoint and leaves; the run cannot finish without it, so it must not exit 0
     (the launcher, like a container runtime, restarts only what failed): it exits 128 + SIGTERM."""
-    out = tmp_path / "run"
-    proc = _launch(out, "--restart", "on-failure")
-    _wait_until(proc, lambda: (out / "run.json").is_file() and (out / "layer1.pt").is_file()
-                and checkpoint.load(out / "layer1.pt")["last_batch"] >= 20)
-    victim = _pid(out, role, index)
-    os.kill(victim, signal.SIGTERM)
-    output, _ = proc.communicate(timeout=150)
-    name = role if index is None else f"{role} {index}"
-    assert proc.returncode == 0, output
+    out, output, name, victim = _signal_mid_run(tmp_path, role, index, signal.SIGTERM, 20)
     assert f"{name} (pid {victim}) died: stopped by a SIGTERM of its own before the run's end; restarting it" in output
     s = _summary(out)
     a = s["accounting"]
