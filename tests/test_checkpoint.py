@@ -143,7 +143,7 @@ def test_save_leaves_no_temporary_file_and_replaces_the_old_checkpoint(tmp_path)
 def test_save_deletes_the_temporary_files_of_writers_that_died_mid_write_and_only_those(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs (reused within this test only by an unlucky wrap-around)
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])  # until killed
     try:
         path = tmp_path / "layer0.pt"
         stale, live = tmp_path / f"layer0.pt.{dead.pid}.1.tmp", tmp_path / f"layer0.pt.{alive.pid}.1.tmp"

@@ -214,12 +214,12 @@ def test_a_stop_whose_sigterm_kills_the_source_before_its_handler_stops_every_ot
 
     cfg = config_for_launcher(tmp_path)
     launcher = Launcher(cfg, datasets.load("digits", "data"), ["cpu", "cpu"], 1)
-    traps = f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit({STOPPED_ALONE})); print(1, flush=True); time.sleep(60)"
+    traps = f"import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit({STOPPED_ALONE})); print(1, flush=True); signal.pause()"
     def child(role, index, code):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         return Child(role, index, "cpu", proc)
     launcher.children = [child("sink", None, traps), child("layer", 1, traps), child("layer", 0, traps),
-                         child("source", None, "print(1, flush=True); import time; time.sleep(60)")]  # no handler
+                         child("source", None, "import signal; print(1, flush=True); signal.pause()")]  # no handler
     try:
         for c in launcher.children:
             assert c.proc.stdout.readline() == "1\n"  # running, and the trap is set where there is one
