@@ -265,8 +265,10 @@ class Source:
             for s in stream:  # send the run, at most `window` messages ahead of what is durable
                 self._drain(inbox)
                 self._check(out, inbox)
-                while self.pending_train >= self.window and not self.stopping:
+                moved = self._unmoved_for(None)
+                while self.pending_train >= self.window and not self.stopping:  # the sink's acks free the window
                     self._drain(inbox, POLL_MS)
+                    moved = self._unmoved_for(moved, "with its window of unconfirmed batches full")
                     self._check(out, inbox)
                 if self.stopping:
                     break
@@ -292,18 +294,25 @@ class Source:
         """Until every message before `end` is durable (resending as needed), so that the stop, which ends every
         role, comes after a run that nothing can take back. After a stop request: until the sink has taken
         everything sent, for at most STOP_DRAIN_S."""
-        t0 = moved_at = time.monotonic()
-        state = None
+        t0 = time.monotonic()
+        moved = self._unmoved_for(None)
         while (self.pending and not self.stopping) or self.confirmed < end:  # stopping: layers checkpoint at the stop
             self._drain(inbox, POLL_MS)
-            now = time.monotonic()
-            if self.stopping and now - t0 > STOP_DRAIN_S:
+            if self.stopping and time.monotonic() - t0 > STOP_DRAIN_S:
                 return
-            if state != (self.confirmed, len(self.pending)):
-                state, moved_at = (self.confirmed, len(self.pending)), now
-            elif now - moved_at > self.timeout_s:
-                raise transport.PeerTimeout(f"source: nothing became confirmed or durable for {self.timeout_s:g}s")
+            moved = self._unmoved_for(moved, "at the end of the run")
             self._check(out, inbox)
+
+    def _unmoved_for(self, last: tuple | None, waiting: str = "") -> tuple:
+        """A waiting source's clock: (what the sink confirmed, what is pending, since when); PeerTimeout once
+        neither moved for the peer timeout. `last` None starts it."""
+        now, state = time.monotonic(), (self.confirmed, len(self.pending))
+        if last is None or last[:2] != state:
+            return (*state, now)
+        if now - last[2] > self.timeout_s:
+            raise transport.PeerTimeout(f"source: nothing became confirmed or durable for {self.timeout_s:g}s "
+                                        f"{waiting} (the sink gone or stuck)")
+        return last
 
     def _stop(self, out: zmq.Socket, inbox: zmq.Socket, end: int) -> None:
         """The stop message: it takes no stream number (a resumed run continues at `end`). Each layer checkpoints

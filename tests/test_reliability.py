@@ -357,3 +357,41 @@ def test_a_message_the_sink_refuses_leaves_its_counts_its_rounds_and_its_readout
     assert sink.received["eval"] == 0 and sink.rounds == {} and sink.expected == 1
     take(Message("eval", 1, 1, scalars, {"y": y, "goodness": right}))
     assert sink.received == {"train": 1, "eval": 1} and [(h["accuracy"], h["samples"]) for h in sink.history] == [(1.0, 4)]
+
+
+@pytest.mark.timeout(60)
+def test_a_source_whose_window_is_full_and_whose_sink_never_answers_gives_up_with_one_line(tmp_path):
+    """Layer 0 takes every batch, but no sink ever confirms one: the source fills its window of unconfirmed
+    batches and then waits for acknowledgements. That wait had no time limit; it ends at the peer timeout now."""
+    import threading
+
+    import zmq
+
+    from ffpipe import config, data, transport
+    from ffpipe.source import Source
+    from ffpipe.topology import Topology
+
+    cfg = config.preset("quick", layers=(16, 16), epochs=1, batch_size=10, negatives="random", checkpoint_every=1,
+                        out=str(tmp_path))
+    topo = Topology.local(2)
+    ctx = zmq.Context()
+    layer0 = transport.pull(ctx, topo.layers[0].bind_url("127.0.0.1"), hwm=10_000)
+    taken, done = [], threading.Event()
+
+    def take():  # a layer 0 that never blocks the source and forwards nothing
+        while not done.is_set():
+            if layer0.poll(50):
+                taken.append(layer0.recv_multipart(copy=False))
+
+    reader = threading.Thread(target=take)
+    reader.start()
+    source = Source(cfg, data.load("digits", ""), topo, peer_timeout_s=1.5)
+    try:
+        with pytest.raises(transport.PeerTimeout, match="window of unconfirmed batches full"):
+            source.run()
+    finally:
+        done.set()
+        reader.join()
+        layer0.close()
+        ctx.term()
+    assert source.pending_train == source.window == 66 and len(taken) == 66  # sent the window, then nothing
