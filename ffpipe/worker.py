@@ -46,6 +46,9 @@ POLL_MS = 250  # how often a waiting worker checks for a stop signal
 GAP_NOTICE_S = 0.5  # at most one gap notice per this many seconds
 MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; nothing wider is believable
 MAX_CLASSES = 100_000
+# what a layer's weights are made with: a resumed layer refuses a run that changes any of them (the sink refuses
+# one that numbers its stream differently; a launcher-led --resume checks all of these before any role starts)
+MADE_WITH = ("dataset", "standardize", "equalize", "whiten", "layers", "layer")
 ACTIVATIONS = ("x_pos", "x_neg", "x_neu", "x_all")  # what a layer hands the next layer, and the sink never reads
 UPDATE_INPUTS = ("x", "x_pos", "x_neg")  # a train batch's tensors that the update's loss checks for NaN and Inf
 FORWARDED = {"train": ("total", "classes", "batch", "shape"),
@@ -118,6 +121,13 @@ class Worker:
     def load(self) -> None:
         """Continue from this layer's checkpoint: weights, optimizer, and which batches it has applied."""
         payload = checkpoint.load(self.path, map_location=str(self.device))
+        if "config" in payload:
+            mine, theirs = self.cfg.to_dict(), RunConfig.from_json(payload["config"]).to_dict()
+            changed = [k for k in MADE_WITH if mine.get(k) != theirs.get(k)]
+            if changed:
+                raise checkpoint.CheckpointError(
+                    f"{self.path}: made with other {', '.join(changed)} ({', '.join(f'{k}={theirs.get(k)!r}' for k in changed)}); "
+                    "resume with the same settings, or start a new run in another --out")
         try:
             # checkpoints written before image layers hold fully connected layers, which need no class count
             self._ensure_layer(int(payload["in_features"]), payload.get("shape"), payload.get("classes") or 2)

@@ -249,6 +249,23 @@ def test_a_sink_state_from_a_run_numbered_differently_is_refused(finished):
         Sink(apply(_config(finished), epochs=5, eval_every=2), Topology.local(2), finished, resume=True)
 
 
+@pytest.mark.parametrize("change, named", [({"layer": {"threshold": 3.0}}, "other layer"),
+                                            ({"standardize": True}, "other standardize")])
+def test_a_layer_resumed_by_a_run_that_changes_what_its_weights_were_made_with_is_refused(finished, change, named):
+    """A role run apart (compose, another host) resumes from its own checkpoint with the flags it is given: the
+    same weights under another loss threshold or other inputs would go on training silently."""
+    from ffpipe.checkpoint import CheckpointError
+    from ffpipe.config import apply, override_nested
+    from ffpipe.topology import Topology
+    from ffpipe.worker import Worker
+
+    cfg = _config(finished)
+    cfg = override_nested(cfg, **change) if "layer" in change else apply(cfg, **change)
+    with pytest.raises(CheckpointError, match=named):
+        Worker(cfg, 1, Topology.local(2), finished, resume=True)
+    Worker(_config(finished), 1, Topology.local(2), finished, resume=True)  # the run's own settings resume
+
+
 def test_a_layer_behind_an_evaluation_reports_a_gap_instead_of_evaluating(finished):
     import torch
 
