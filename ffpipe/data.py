@@ -136,6 +136,8 @@ def _torchvision_download(tv_name: str, data_dir: Path) -> None:
     import torchvision
 
     cls = getattr(torchvision.datasets, tv_name)
+    folder = data_dir / tv_name
+    before = set(folder.rglob("*")) if folder.is_dir() else set()
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # a machine without internet fails fast instead of hanging
     try:
@@ -143,8 +145,21 @@ def _torchvision_download(tv_name: str, data_dir: Path) -> None:
             cls(root=str(data_dir), train=train, download=True)
     except Exception as e:  # noqa: BLE001 - any download failure means "not available"; reported by the caller
         _note(f"ffpipe: could not download {tv_name} into {data_dir}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        _remove_new(folder, before)
     finally:
         socket.setdefaulttimeout(old)
+
+
+def _remove_new(folder: Path, before: set[Path]) -> None:
+    """What a failed download left in `folder` that was not there before it: half-written archives (which the next
+    load would find and fail to read) and the empty folders torchvision made."""
+    for path in sorted(set(folder.rglob("*")) - before if folder.is_dir() else (), reverse=True):  # files before folders
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif path.is_file():
+            path.unlink()
+    if not before and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 # ---------------------------------------------------------------- image folders and archives

@@ -83,16 +83,23 @@ def test_labels_out_of_range_are_refused(tmp_path):
         data.load("mnist", tmp_path, download=False)
 
 
-def test_download_failure_is_reported_not_hung(tmp_path, monkeypatch, capsys):
+def test_download_failure_is_reported_not_hung_and_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
     import torchvision
 
-    def no_network(*a, **k):
+    (tmp_path / "MNIST" / "notes.txt").parent.mkdir()
+    (tmp_path / "MNIST" / "notes.txt").write_text("the user's own file")
+
+    def cut_off(self, *a, **k):  # as a dropped connection leaves it: the folders made, an archive half written
+        raw = tmp_path / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08 half an archive")
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", cut_off)
     with pytest.raises(DataError, match="not found"):
         data.load("mnist", tmp_path, download=True)
     assert "could not download" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "MNIST").rglob("*")) == ["notes.txt"]  # the next load starts clean
 
 
 def test_auto_falls_back_to_scikit_learn_digits(tmp_path, capsys):
