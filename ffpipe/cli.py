@@ -289,13 +289,13 @@ def _run_role(cfg, role, index, source_addr, layer_addrs, sink_addr, bind_host, 
         from ffpipe.source import run_source
 
         data = datasets.hold_out(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download), cfg.val_size, cfg.train_size)
-        run_source(cfg, datasets.blur_test(data, cfg.test_blur), topo, resume=resume)
+        run_source(cfg, datasets.blur_test(data, cfg.test_blur), topo, resume=resume, quiet=quiet)
     elif role == "layer":
         from ffpipe.worker import run_worker
 
         if index is None:
             raise ValueError("--role layer needs --index")
-        alone = run_worker(cfg, index, topo, out, device=cfg.device, threads=cfg.threads or 1, resume=resume)
+        alone = run_worker(cfg, index, topo, out, device=cfg.device, threads=cfg.threads or 1, resume=resume, quiet=quiet)
     elif role == "sink":
         from ffpipe.sink import run_sink
 

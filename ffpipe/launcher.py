@@ -137,7 +137,7 @@ class Launcher:
             cmd += ["--index", str(index)]
         if role == "layer":
             cmd += ["--device", device, "--threads", str(self.threads)]
-        if role == "sink" and not self.show_progress:
+        if not self.show_progress:  # -q: every role keeps to warnings and errors, as the in-process trainer does
             cmd += ["--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1", "FFPIPE_LAUNCHER_PID": str(os.getpid())}
         # its own session: a terminal's Ctrl-C or `timeout` signals the launcher's process group, and the launcher
@@ -164,11 +164,12 @@ class Launcher:
         topo = Topology.local(len(cfg.layers), keys=self.keys)
         d = self.data
         eval_split = d.val if d.val is not None else d.test
-        print(f"ffpipe: pipeline {cfg.preset} run on {d.name} ({len(d.train):,} train, {len(eval_split):,} "
-              f"{'val' if d.val is not None else 'test'}) from {d.source}; layers {list(cfg.layers)}, batch {cfg.batch_size}, "
-              f"{cfg.epochs} epochs; source + {len(cfg.layers)} layer processes ({', '.join(self.devices)}, {self.threads} "
-              f"thread{'s' if self.threads > 1 else ''} each) + sink; run folder {self.out}"
-              + ("; resuming" if self.resume else ""), file=sys.stderr, flush=True)
+        if self.show_progress:
+            print(f"ffpipe: pipeline {cfg.preset} run on {d.name} ({len(d.train):,} train, {len(eval_split):,} "
+                  f"{'val' if d.val is not None else 'test'}) from {d.source}; layers {list(cfg.layers)}, batch {cfg.batch_size}, "
+                  f"{cfg.epochs} epochs; source + {len(cfg.layers)} layer processes ({', '.join(self.devices)}, {self.threads} "
+                  f"thread{'s' if self.threads > 1 else ''} each) + sink; run folder {self.out}"
+                  + ("; resuming" if self.resume else ""), file=sys.stderr, flush=True)
         (self.out / "config.json").write_text(cfg.to_json())
         flags = ["--config", str(self.out / "config.json"), "--out", str(self.out), *topo.as_flags()]
         if self.resume:
@@ -213,7 +214,8 @@ class Launcher:
         t0 = time.perf_counter()
         net, _ = load_model(self.out, self.devices[0])  # the first layer's device: a GPU when the run had one
         accuracy = evaluate(net, self.data.test.x, self.data.test.y)["accuracy"]
-        print(f"ffpipe: test accuracy {accuracy:.4f} (the assembled checkpoint, evaluated once after training)", flush=True)
+        if self.show_progress:
+            print(f"ffpipe: test accuracy {accuracy:.4f} (the assembled checkpoint, evaluated once after training)", flush=True)
         return {"test_accuracy": accuracy, "test_eval_s": round(time.perf_counter() - t0, 2)}
 
     def _write_run_json(self) -> None:

@@ -62,14 +62,14 @@ class Sent:
 
 class Source:
     def __init__(self, cfg: RunConfig, data: Data, topo: Topology, peer_timeout_s: float = 120.0, skip: int = 0,
-                 sink_next: int = 0):
+                 sink_next: int = 0, quiet: bool = False):
         if cfg.schedule != "joint":
             raise ValueError("the pipeline trains every layer on every batch: use --schedule joint (greedy is in-process only)")
         self.cfg, self.data, self.topo = cfg, data, topo
         self.timeout_s = peer_timeout_s
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.mean, self.std = input_stats(data, cfg.standardize, cfg.equalize)
-        self.whiten = whitening(cfg, data, self.mean, self.std, Path(cfg.out)) if cfg.whiten else None
+        self.whiten = whitening(cfg, data, self.mean, self.std, Path(cfg.out), log=not quiet) if cfg.whiten else None
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
         self.rejected = Rejections("source")  # malformed messages from the sink's side
         self.stopping = False
@@ -336,7 +336,8 @@ class Source:
 WHITENING = "whitening.pt"
 
 
-def whitening(cfg: RunConfig, data: Data, mean: torch.Tensor, std: torch.Tensor, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def whitening(cfg: RunConfig, data: Data, mean: torch.Tensor, std: torch.Tensor, out: Path, log: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's ZCA whitening (--whiten): fitted on the training images once and saved to `out`/whitening.pt,
     which a restarted or resumed source reads back (the same inputs to the last bit) and from which the launcher
     assembles the model. A file from other data or another epsilon is fitted afresh."""
@@ -350,8 +351,9 @@ def whitening(cfg: RunConfig, data: Data, mean: torch.Tensor, std: torch.Tensor,
     t0 = time.perf_counter()
     center, matrix = fit_whitening(data.train.x, mean, std, cfg.standardize, cfg.equalize, cfg.whiten)
     checkpoint.save(path, {"made": made, "center": center, "matrix": matrix})
-    print(f"ffpipe source: ZCA whitening fitted on {len(data.train):,} training images ({center.numel():,} inputs, "
-          f"eps {cfg.whiten:g}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    if log:
+        print(f"ffpipe source: ZCA whitening fitted on {len(data.train):,} training images ({center.numel():,} inputs, "
+              f"eps {cfg.whiten:g}) in {time.perf_counter() - t0:.1f}s", flush=True)
     return center, matrix
 
 
@@ -368,14 +370,15 @@ def durable_state(out: Path, num_layers: int) -> tuple[int, int, bool]:
     return min(batches + [sink.get("last_batch", 0)]), sink.get("expected", 0), stopped
 
 
-def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False) -> dict | None:
+def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False, quiet: bool = False) -> dict | None:
+    """Send the run; `quiet`: warnings only (no fit, resume or closing lines)."""
     skip, sink_next, stopped = durable_state(Path(cfg.out), len(cfg.layers)) if resume else (0, 0, False)
     if stopped:  # restarted after the stop went out: it is on its way to the sink (layers resend it if restarted)
         print("ffpipe source: every layer has passed the stop on; nothing left to send", flush=True)
         return None
-    if skip:
+    if skip and not quiet:
         print(f"ffpipe source: resuming after {skip} train batches", flush=True)
-    source = Source(cfg, data, topo, skip=skip, sink_next=sink_next)
+    source = Source(cfg, data, topo, skip=skip, sink_next=sink_next, quiet=quiet)
 
     def request_stop(signum, frame):  # SIGTERM/SIGINT: stop sending batches, send stop, exit cleanly
         source.stopping = True
@@ -385,6 +388,8 @@ def run_source(cfg: RunConfig, data: Data, topo: Topology, resume: bool = False)
     signal.signal(signal.SIGINT, request_stop)
     t0 = time.perf_counter()
     result = source.run()
+    if quiet:
+        return result
     print(f"ffpipe source: sent {result['sent_train']} train and {result['sent_eval']} eval batches"
           + (f" ({result['resent']} resent)" if result["resent"] else "") + f" in {time.perf_counter() - t0:.1f}s"
           + (" (interrupted)" if result["interrupted"] else ""), flush=True)

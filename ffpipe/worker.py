@@ -488,9 +488,9 @@ class Worker:
 
 
 def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: str = "cpu", threads: int = 1,
-               resume: bool = False) -> bool:
+               resume: bool = False, quiet: bool = False) -> bool:
     """Serve until the stream's stop (returns False) or a SIGTERM to this worker alone (True: the run goes on
-    without it, so its exit status says so)."""
+    without it, so its exit status says so). `quiet`: no closing line."""
     set_compute(threads or 1)
     worker = Worker(cfg, index, topo, out, device, resume=resume)
 
@@ -503,6 +503,7 @@ def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, request_stop)
     worker.run()
-    print(f"ffpipe layer {index}: applied {worker.applied} batches, rejected {worker.rejected.total()}, "
-          f"busy {worker.busy_s:.1f}s" + (" (stopped by SIGTERM before the run's end)" if worker.stopped_alone else ""), flush=True)
+    if not quiet or worker.stopped_alone:
+        print(f"ffpipe layer {index}: applied {worker.applied} batches, rejected {worker.rejected.total()}, "
+              f"busy {worker.busy_s:.1f}s" + (" (stopped by SIGTERM before the run's end)" if worker.stopped_alone else ""), flush=True)
     return worker.stopped_alone
