@@ -435,6 +435,13 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.name!r} (expected 'adam' or 'sgd')")
 
 
+def warm_up_optimizers() -> None:
+    """torch's first optimizer takes seconds to build (it imports torch's compiler then; 2-8 s on these cores): a
+    role pays that at start-up, alongside the others, instead of stalling on its first batch with the pipeline
+    waiting behind it (and the sink, stalled so, took its peers' queued heartbeats for silence)."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 # Device types where `step_if_finite` reads the loss before the step. Elsewhere (a GPU) reading it there would stall
 # every step, so a fused optimizer skips the step on the device instead. Tests empty it to run that path on the CPU.
 READ_LOSS_FIRST = ("cpu",)

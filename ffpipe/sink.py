@@ -29,7 +29,7 @@ from torch import nn
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.layer import Diverged, NonFiniteLoss, make_optimizer, out_widths, set_lr
+from ffpipe.layer import Diverged, NonFiniteLoss, make_optimizer, out_widths, set_lr, warm_up_optimizers
 from ffpipe.metrics import TARGETS, MetricsWriter, write_json
 from ffpipe.model import readout_step
 from ffpipe.progress import RunProgress
@@ -296,14 +296,19 @@ class Sink:
             print(f"ffpipe sink: {role} is back after {quiet:.1f}s", flush=True)
         self.heard[role] = (now, msg.scalars)
 
-    def _check_silence(self) -> None:
-        """Report each role (that has beaten once) not heard from for SILENT_S, once per silence."""
+    def _check_silence(self, pending=lambda: False) -> None:
+        """Report each role (that has beaten once) not heard from for SILENT_S, once per silence. Not while
+        `pending()`: messages wait in the sink's inbox, which may hold the heartbeats of a role that only seems
+        silent because the sink itself was busy (its first readout step imports torch's compiler, seconds)."""
         now = time.monotonic()
-        for role, (at, said) in self.heard.items():
-            if role not in self.silent and now - at > transport.SILENT_S:
-                self.silent.add(role)
-                print(f"ffpipe sink: nothing from {role} (pid {said.get('pid')}) for {now - at:.1f}s; "
-                      f"it was {said.get('state', 'unknown')}", flush=True)
+        late = [role for role, (at, _) in self.heard.items() if role not in self.silent and now - at > transport.SILENT_S]
+        if not late or pending():
+            return
+        for role in late:
+            at, said = self.heard[role]
+            self.silent.add(role)
+            print(f"ffpipe sink: nothing from {role} (pid {said.get('pid')}) for {now - at:.1f}s; "
+                  f"it was {said.get('state', 'unknown')}", flush=True)
 
     def _validate(self, msg: Message) -> None:
         """Refuse a malformed train or eval message before it can touch the stream position."""
@@ -376,7 +381,7 @@ class Sink:
                     except WireError as e:  # refused, and no sign of life: the checks below still run
                         self.rejected.add(str(e)[:120])
                         msg = None
-                    self._check_silence()
+                    self._check_silence(lambda: inbox.poll(0, zmq.POLLIN))
                     self._ack(control)
                     if time.monotonic() - traffic_at > self.timeout_ms / 1000:
                         raise transport.PeerTimeout(f"sink: nothing received for {self.timeout_ms / 1000:g}s")
@@ -508,6 +513,8 @@ def steady_rate(arrivals: list[tuple[float, int]], warmup: float = 0.1) -> float
 
 def run_sink(cfg: RunConfig, topo: Topology, out: Path, show_progress: bool = True, resume: bool = False) -> bool:
     """Collect until the stream's stop (returns False) or a SIGTERM to the sink alone (True: the run is not over)."""
+    if cfg.uses_readout:
+        warm_up_optimizers()
     sink = Sink(cfg, topo, out, show_progress=show_progress, resume=resume)
 
     def request_stop(signum, frame):

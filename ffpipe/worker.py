@@ -36,7 +36,7 @@ import torch
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
 from ffpipe.layer import (RESUME_OLD_LAYOUT, Diverged, NonFiniteLoss, build_layer, local_update, make_optimizer, out_widths, plan,
-                          set_compute, set_lr)
+                          set_compute, set_lr, warm_up_optimizers)
 from ffpipe.metrics import PeakMemory
 from ffpipe.model import label_value
 from ffpipe.topology import Topology
@@ -492,6 +492,7 @@ def run_worker(cfg: RunConfig, index: int, topo: Topology, out: Path, device: st
     """Serve until the stream's stop (returns False) or a SIGTERM to this worker alone (True: the run goes on
     without it, so its exit status says so). `quiet`: no closing line."""
     set_compute(threads or 1)
+    warm_up_optimizers()
     worker = Worker(cfg, index, topo, out, device, resume=resume)
 
     def request_stop(signum, frame):  # finish the message in hand, checkpoint, exit

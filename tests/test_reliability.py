@@ -412,3 +412,25 @@ def test_a_source_whose_window_is_full_and_whose_sink_never_answers_gives_up_wit
         layer0.close()
         ctx.term()
     assert source.pending_train == source.window == 66 and len(taken) == 66  # sent the window, then nothing
+
+
+def test_the_sink_reports_a_silent_role_only_once_it_has_read_what_waits_in_its_inbox(sink_at_hand, capsys):
+    """A sink busy for seconds (its first readout step used to import torch's compiler) finds every role's last
+    heartbeat old, though their newer ones wait in its inbox: it named them all silent, falsely. It now waits
+    until the inbox is drained; a role still unheard then is silent, and reported once."""
+    from ffpipe import transport
+    from ffpipe.wire import Message
+
+    sink, *_ = sink_at_hand
+    beat = Message("heartbeat", 0, 0, {"role": "layer 1", "pid": 4242, "state": "sending"})
+    sink._heartbeat(beat)
+    sink.heard["layer 1"] = (time.monotonic() - transport.SILENT_S - 1, beat.scalars)  # heard last SILENT_S + 1 ago
+    sink._check_silence(pending=lambda: True)
+    assert not sink.silent and "nothing from" not in capsys.readouterr().out
+    sink._check_silence(pending=lambda: False)
+    sink._check_silence(pending=lambda: False)
+    said = capsys.readouterr().out
+    assert sink.silent == {"layer 1"} and said.count("nothing from layer 1 (pid 4242)") == 1 and "it was sending" in said
+    sink._heartbeat(beat)
+    assert not sink.silent and "layer 1 is back after" in capsys.readouterr().out
+    assert len(sink.silences["layer 1"]) == 1
