@@ -201,10 +201,8 @@ class Source:
         self.beliefs[idx] = logits
 
     def _drain(self, inbox: zmq.Socket, wait_ms: int = 0) -> None:
-        """Take everything the sink has sent (waiting up to wait_ms for the first message)."""
-        if not self.sink_silent and time.monotonic() - self.heard_at > transport.SILENT_S:
-            self.sink_silent = True
-            print(f"ffpipe source: nothing from the sink for {transport.SILENT_S:g}s", flush=True)
+        """Take everything the sink has sent (waiting up to wait_ms for the first message); then, with nothing left
+        unread that could be the sink's news, report it silent if it is."""
         while inbox.poll(wait_ms, zmq.POLLIN):
             wait_ms = 0
             try:
@@ -217,6 +215,9 @@ class Source:
                     raise WireError(f"the source does not take {msg.kind!r} messages")
             except WireError as e:
                 self.rejected.add(str(e))
+        if not self.sink_silent and time.monotonic() - self.heard_at > transport.SILENT_S:
+            self.sink_silent = True
+            print(f"ffpipe source: nothing from the sink for {time.monotonic() - self.heard_at:.1f}s", flush=True)
 
     # ---- sending
 

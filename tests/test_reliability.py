@@ -434,3 +434,32 @@ def test_the_sink_reports_a_silent_role_only_once_it_has_read_what_waits_in_its_
     sink._heartbeat(beat)
     assert not sink.silent and "layer 1 is back after" in capsys.readouterr().out
     assert len(sink.silences["layer 1"]) == 1
+
+
+def test_the_source_reads_its_inbox_before_calling_the_sink_silent(tmp_path, capsys):
+    """The same for the source: an acknowledgement waiting unread is news of the sink, not silence."""
+    import zmq
+
+    from ffpipe import config, data, transport
+    from ffpipe.source import Source
+    from ffpipe.topology import Topology
+    from ffpipe.wire import Message
+
+    cfg = config.preset("quick", layers=(16, 16), epochs=1, negatives="random", out=str(tmp_path))
+    topo = Topology.local(2)
+    source = Source(cfg, data.load("digits", ""), topo)
+    ctx = zmq.Context()
+    inbox = transport.pull(ctx, topo.source.bind_url("127.0.0.1"))
+    sink = transport.push(ctx, topo.source.connect_url(), linger_ms=0)
+    try:
+        source.heard_at = time.monotonic() - transport.SILENT_S - 1
+        transport.send(sink, Message("ack", 0, 0, {"next": 0, "durable_next": 0, "durable_batch": 0}), 0)
+        source._drain(inbox, 2000)
+        assert not source.sink_silent and "nothing from the sink" not in capsys.readouterr().out
+        source.heard_at = time.monotonic() - transport.SILENT_S - 1
+        source._drain(inbox)
+        assert source.sink_silent and "nothing from the sink for" in capsys.readouterr().out
+    finally:
+        sink.close()
+        inbox.close()
+        ctx.term()
