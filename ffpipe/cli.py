@@ -248,12 +248,11 @@ def _check_resume(saved, cfg, pipeline: bool) -> None:
     """A resumed run keeps what its checkpoints were made with: the dataset and the layers, and in a pipeline also
     what numbers its stream (the sink's STREAM_FIELDS). Flags that change them are refused, naming each."""
     from ffpipe.sink import STREAM_FIELDS
+    from ffpipe.worker import MADE_WITH
 
-    fields = ("dataset", "standardize", "equalize", "whiten", "layers", "layer") + (STREAM_FIELDS if pipeline else ())
-    mine, theirs = cfg.to_dict(), saved.to_dict()
-    changed = [k for k in dict.fromkeys(fields) if mine.get(k) != theirs.get(k)]
+    changed = cfg.changed_from(saved, MADE_WITH + (STREAM_FIELDS if pipeline else ()))
     if changed:
-        was = ", ".join(f"{k}={json.dumps(theirs.get(k))}" for k in changed)
+        was = ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items())
         raise ValueError(f"--resume continues the run as it was made ({was}); drop the flags that change "
                          + ("them" if len(changed) > 1 else "it") + ", or start a new run in another --out")
 

@@ -210,6 +210,12 @@ class RunConfig:
     def from_json(cls, text: str) -> RunConfig:
         return cls.from_dict(json.loads(text))
 
+    def changed_from(self, saved: RunConfig | None, fields) -> dict:
+        """The fields among `fields` where `saved` (what a checkpoint was made with) differs from this config,
+        with saved's values: what a resume refuses to change."""
+        mine, theirs = self.to_dict(), saved.to_dict() if saved is not None else {}
+        return {k: theirs.get(k) for k in dict.fromkeys(fields) if mine.get(k) != theirs.get(k)}
+
 
 # Named presets: only the fields that differ from RunConfig's defaults.
 PRESETS: dict[str, dict] = {

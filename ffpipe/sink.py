@@ -91,11 +91,10 @@ class Sink:
         if not path.is_file():
             return
         p = checkpoint.load(path)
-        mine, theirs = self.cfg.to_dict(), RunConfig.from_json(p["config"]).to_dict() if "config" in p else {}
-        changed = [k for k in STREAM_FIELDS if mine.get(k) != theirs.get(k)]
+        changed = self.cfg.changed_from(RunConfig.from_json(p["config"]) if "config" in p else None, STREAM_FIELDS)
         if changed:  # the stream numbers would not line up with this run's
             raise checkpoint.CheckpointError(f"{path}: from a run with other {', '.join(changed)} "
-                                             f"({', '.join(f'{k}={theirs.get(k)!r}' for k in changed)}); resume with the same settings")
+                                             f"({', '.join(f'{k}={v!r}' for k, v in changed.items())}); resume with the same settings")
         try:
             if p["readout"] is not None:
                 w = p["readout"]["weight"]

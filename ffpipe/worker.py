@@ -121,13 +121,10 @@ class Worker:
     def load(self) -> None:
         """Continue from this layer's checkpoint: weights, optimizer, and which batches it has applied."""
         payload = checkpoint.load(self.path, map_location=str(self.device))
-        if "config" in payload:
-            mine, theirs = self.cfg.to_dict(), RunConfig.from_json(payload["config"]).to_dict()
-            changed = [k for k in MADE_WITH if mine.get(k) != theirs.get(k)]
-            if changed:
-                raise checkpoint.CheckpointError(
-                    f"{self.path}: made with other {', '.join(changed)} ({', '.join(f'{k}={theirs.get(k)!r}' for k in changed)}); "
-                    "resume with the same settings, or start a new run in another --out")
+        if "config" in payload and (changed := self.cfg.changed_from(RunConfig.from_json(payload["config"]), MADE_WITH)):
+            raise checkpoint.CheckpointError(
+                f"{self.path}: made with other {', '.join(changed)} ({', '.join(f'{k}={v!r}' for k, v in changed.items())}); "
+                "resume with the same settings, or start a new run in another --out")
         try:
             # checkpoints written before image layers hold fully connected layers, which need no class count
             self._ensure_layer(int(payload["in_features"]), payload.get("shape"), payload.get("classes") or 2)
