@@ -8,7 +8,10 @@ wrong labels. The "greedy" schedule (the popular example's) trains layer 0 for a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +26,33 @@ from ffpipe.model import FFNet, evaluate, fit_whitening, readout_step
 from ffpipe.progress import RunProgress
 
 CHECKPOINT_S = 30.0  # an in-process run saves at least this often (and after every evaluation and at the end)
+
+
+@contextlib.contextmanager
+def ctrl_c_between_batches():
+    """Ctrl-C as a flag that the batch loop reads: it yields `check`, which raises KeyboardInterrupt once Ctrl-C came.
+    Python's own KeyboardInterrupt is raised wherever the main thread happens to be, and when that is a finalizer
+    (a tensor's __del__, a weakref callback) Python prints it and drops it: training went on for epochs after
+    Ctrl-C. A second Ctrl-C interrupts at once. Outside the main thread no handler can be set: `check` is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    came = []
+
+    def handler(signum, frame):
+        if came:
+            raise KeyboardInterrupt
+        came.append(signum)
+
+    def check():
+        if came:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def set_threads(threads: int) -> int:
@@ -173,7 +203,7 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
         f"from {data.source}; layers {list(cfg.layers)}, batch {bs}, {cfg.epochs} epochs, {cfg.device}, {threads} threads"
         + (f"; resuming after epoch {start_epoch}" if resume is not None else "")
     )
-    with MetricsWriter(out / "metrics.jsonl", append=resume is not None) as metrics, progress:
+    with MetricsWriter(out / "metrics.jsonl", append=resume is not None) as metrics, progress, ctrl_c_between_batches() as interrupted:
         for k, phase in enumerate(phases):
             if k < start_phase:
                 continue
@@ -181,6 +211,7 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
                 set_lr_all(opts, ro_opt, cfg, epoch)
                 t0 = time.perf_counter()
                 for b, idx in enumerate(batch_indices(n_train, bs, gen)):
+                    interrupted()
                     images = augment(data.train.x[idx], cfg.shift, cfg.flip, gen)
                     results = train_step(net, opts, ro_opt, images, data.train.y[idx], gen, only_layer=phase)
                     batches_done += 1

@@ -136,3 +136,23 @@ def test_a_run_whose_steps_the_device_skips_stops_before_it_logs_or_saves(tmp_pa
     assert not (run / checkpoint.FILENAME).exists()  # one epoch: its checkpoint would come after the check
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in records if r["kind"] == "train"], records  # no NaN loss logged as a figure
+
+
+def test_ctrl_c_is_raised_between_batches_and_the_handler_is_put_back():
+    import os
+    import signal
+
+    before, reached = signal.getsignal(signal.SIGINT), False
+    with pytest.raises(KeyboardInterrupt), inprocess.ctrl_c_between_batches() as interrupted:
+        interrupted()  # nothing came yet
+        os.kill(os.getpid(), signal.SIGINT)  # lands in the handler, which only notes it ...
+        for _ in range(1000):  # ... wherever the main thread is: nothing raised until the loop asks
+            torch.ones(1)
+        reached = True
+        interrupted()
+    assert reached and signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt), inprocess.ctrl_c_between_batches():  # a second Ctrl-C: at once
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            torch.ones(1)
