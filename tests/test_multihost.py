@@ -69,10 +69,20 @@ def hosts():
 
 
 INTRUDER = textwrap.dedent("""
-    import sys, torch, zmq
+    import socket, sys, time, torch, zmq
     from ffpipe import security, transport
     from ffpipe.wire import Message
     target, keys = sys.argv[1], (security.load(sys.argv[2]) if len(sys.argv) > 2 else None)
+    host, port = target.removeprefix("tcp://").rsplit(":", 1)
+    deadline = time.monotonic() + 60  # until layer 0 listens (its start-up imports torch): the 5 s below are the handshake's
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     ctx = zmq.Context()
     sock = transport.push(ctx, target, linger_ms=5000, keys=keys)  # exit once delivered, or after 5 s if it cannot be
     # a well-formed message of a kind layers do not take: one that receives it rejects and counts it
