@@ -419,6 +419,7 @@ class Sink:
                         self.rejected.add(f"{msg.kind}: {type(e).__name__}: {e}"[:120])
                     self._ack(control)
                 if stop is not None:
+                    transport.reject_the_rest(inbox, self.rejected, expected=("stop", "heartbeat"))
                     self.stop = stop
                     self._save(metrics)
                     self._ack(control, force=True, stopped=True)

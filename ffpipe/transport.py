@@ -16,7 +16,7 @@ import zmq
 
 from ffpipe import security
 from ffpipe.security import Keys
-from ffpipe.wire import Message, WireError, decode, encode
+from ffpipe.wire import Message, Rejections, WireError, decode, encode
 
 
 def queue_depth() -> int:
@@ -206,6 +206,25 @@ def recv(sock: zmq.Socket, timeout_ms: int | None = None, check_finite: bool = T
         raise WireError(f"from {_peer(frames[0])}: {e}") from None
 
 
+def reject_the_rest(sock: zmq.Socket, rejected: Rejections, expected: tuple[str, ...], quiet_ms: int = 100,
+                    limit_s: float = 2.0) -> None:
+    """For a role that has taken the stream's stop, whose peers send nothing after it but the kinds in `expected`
+    (a resent stop, a heartbeat): read what is still on its way to `sock`, until nothing comes for quiet_ms or for at
+    most limit_s, and count each other message in `rejected`. ZeroMQ takes turns between a socket's peers, so a
+    stranger's queue may outlast the stream's; left unread, its messages would be missing from the run's count."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            msg = recv(sock, quiet_ms)
+        except WireError as e:
+            rejected.add(f"after the stop: {e}"[:160])
+            continue
+        if msg is None:
+            return
+        if msg.kind not in expected:
+            rejected.add(f"after the stop: a {msg.kind!r} message")
+
+
 def _peer(frame) -> str:
     """The sender's IP address as ZeroMQ saw it (TCP), or 'unknown'."""
     try:
@@ -214,4 +233,4 @@ def _peer(frame) -> str:
         return "unknown"
 
 
-__all__ = ["Endpoint", "Heartbeat", "Links", "PeerTimeout", "WireError", "pull", "push", "send", "send_nowait", "recv"]
+__all__ = ["Endpoint", "Heartbeat", "Links", "PeerTimeout", "WireError", "pull", "push", "reject_the_rest", "send", "send_nowait", "recv"]

@@ -469,6 +469,7 @@ class Worker:
                     except WireError as e:  # over the wire's caps: only a forged message can make one (the launcher
                         self.rejected.add(f"reply to {msg.kind}: {e}"[:160])  # refuses runs whose batches would)
                 self.state = "waiting"
+            transport.reject_the_rest(inbox, self.rejected, expected=("stop",))  # the source resends an unconfirmed stop
             scalars = {k: v for k, v in msg.scalars.items() if k.startswith("source.") or _earlier_layer_key(k, self.index)}
             stop = Message("stop", msg.seq, msg.epoch, {**scalars, **self.stats()})
             self.save(stop)

@@ -77,3 +77,47 @@ def test_a_stream_of_refused_messages_does_not_hold_the_idle_clock(monkeypatch):
     now[0] += 0.2
     with pytest.raises(transport.PeerTimeout, match="layer 3: nothing but refused messages for 1s"):
         clock.rejected()
+
+
+@pytest.mark.timeout(30)
+def test_what_comes_after_the_stop_is_read_and_counted_and_a_flood_cannot_hold_the_role():
+    import threading
+
+    from ffpipe.wire import Rejections
+
+    ctx = zmq.Context()
+    topo = Topology.local(1)
+    inbox = transport.pull(ctx, topo.layers[0].bind_url("127.0.0.1"))
+    peer, stranger = (transport.push(ctx, topo.layers[0].connect_url(), linger_ms=0) for _ in range(2))
+    try:
+        transport.send(peer, Message("stop", 9, 0, {}), 2000)  # a resent stop: expected
+        transport.send(peer, Message("heartbeat", 0, 0, {}), 2000)
+        for _ in range(3):
+            stranger.send_multipart([b"\x00garbage"])
+            transport.send(stranger, Message("train", 1, 0, {"batch": 1}, {"x": torch.ones(2, 3)}), 2000)
+        rejected = Rejections("layer 0")
+        transport.reject_the_rest(inbox, rejected, expected=("stop", "heartbeat"), quiet_ms=2000)
+        assert rejected.total() == 6 and rejected["after the stop: a 'train' message"] == 3, rejected
+        assert transport.recv(inbox, 0) is None  # all of it read
+
+        flooding = threading.Event()
+        flooding.set()
+
+        def flood():
+            while flooding.is_set():
+                try:
+                    transport.send_nowait(stranger, Message("train", 1, 0, {}, {}))
+                except transport.PeerTimeout:  # its queue is full: the reader is behind
+                    pass
+
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        try:
+            transport.reject_the_rest(inbox, Rejections("layer 0"), expected=(), limit_s=0.5)  # returns: no hang
+        finally:
+            flooding.clear()
+            thread.join(timeout=5)
+    finally:
+        for sock in (inbox, peer, stranger):
+            sock.close(linger=0)
+        ctx.term()
