@@ -53,9 +53,9 @@ def _parse_layers(text: str | None) -> tuple[int | str, ...] | None:
     try:
         specs = [LayerSpec.parse(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError as e:
-        raise typer.BadParameter(f"{e}; expected e.g. 500,500 or conv64k3p2,conv128k3p2,1000") from None
+        raise ValueError(f"--layers: {e}; expected e.g. 500,500 or conv64k3p2,conv128k3p2,1000") from None
     if not specs:
-        raise typer.BadParameter(f"expected comma-separated layers such as 500,500; got {text!r}")
+        raise ValueError(f"--layers: expected comma-separated layers such as 500,500; got {text!r}")
     return tuple(s.units if not s.image else str(s) for s in specs)
 
 
@@ -132,9 +132,13 @@ def run(
     """Train a Forward-Forward network and evaluate it; writes a run folder."""
     from ffpipe import config, data as datasets, inprocess as trainer
 
+    try:
+        parsed_layers = _parse_layers(layers)
+    except ValueError as e:
+        raise _fail(str(e)) from None
     flags = dict(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, val_size=val_size,
-        train_size=train_size, shift=shift, flip=flip, standardize=standardize, equalize=equalize, whiten=whiten, test_blur=test_blur, layers=_parse_layers(layers), epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
+        train_size=train_size, shift=shift, flip=flip, standardize=standardize, equalize=equalize, whiten=whiten, test_blur=test_blur, layers=parsed_layers, epochs=epochs, batch_size=batch_size, schedule=schedule, negatives=negatives,
         predict=predict, skip_first=skip_first, score_last=score_last, eval_every=eval_every, seed=seed, device=device, threads=threads,
         out=str(out) if out else None, checkpoint_every=checkpoint_every, retransmit_s=retransmit_after,
     )
@@ -170,6 +174,10 @@ def run(
                 raise ValueError(f"--preset {preset}: {config_file} was made with the {base.preset} preset and sets every field; "
                                  "drop --preset (flags still override single fields)")
             cfg = config.override_nested(config.apply(base, **flags), **nested)
+            if resume is None and role is None and out is None and _holds_run(Path(cfg.out)) and \
+                    Path(cfg.out).resolve() == config_file.resolve().parent:
+                raise ValueError(f"--config {config_file} would write this run into {cfg.out}, over the run it came from; "
+                                 f"give --out for the new run, or --resume {cfg.out} to continue that one")
             if resume is not None:  # refused here, before config.json is rewritten: a refused resume changes nothing
                 _check_resume(base, cfg, pipeline=not inprocess)
                 if not inprocess and role is None:
@@ -204,12 +212,17 @@ def run(
         elif data.name != cfg.dataset:
             cfg = config.apply(cfg, dataset=data.name)
         data = datasets.blur_test(datasets.hold_out(data, cfg.val_size, cfg.train_size), cfg.test_blur)
+        if cfg.shift and 2 * cfg.shift >= min(data.shape[1:]):
+            raise ValueError(f"--shift {cfg.shift}: {data.name}'s images are {data.shape[1]}x{data.shape[2]}; shift them by "
+                             f"less than half that (at most {(min(data.shape[1:]) - 1) // 2})")
         if cfg.whiten and data.num_features > MAX_WHITENED:  # before any role starts, not in the source
             raise ValueError(f"--whiten takes at most {MAX_WHITENED:,} inputs (its matrix is D x D); {data.name} has {data.num_features:,}")
         if inprocess:
             from ffpipe import checkpoint
 
             state = checkpoint.load(resume) if resume is not None else None
+            if state is not None:
+                trainer.check_resumable(cfg, state)  # before config.json is written: a refused resume changes nothing
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             if resume is None:  # a pipeline run that used this folder before must not be resumed as one
                 (Path(cfg.out) / "run.json").unlink(missing_ok=True)
@@ -234,6 +247,10 @@ def run(
         raise _fail(_flag_named(str(e))) from None
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
+
+
+def _holds_run(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("checkpoint.pt", "summary.json", "layer0.pt", "sink.pt"))
 
 
 def _finished(run: Path) -> bool:
@@ -337,9 +354,12 @@ def eval_(
             raise ValueError(f"predict must be goodness or readout; got {predict!r}")
         if test_blur is not None and not (test_blur >= 0 and math.isfinite(test_blur)):
             raise ValueError(f"--test-blur must be >= 0; got {test_blur!r}")
-        data = datasets.blur_test(datasets.load(meta["name"], data_dir or cfg.data_dir, download=cfg.download, val_size=cfg.val_size),
-                                  cfg.test_blur if test_blur is None else test_blur)
-        part = {"test": data.test, "val": data.val, "train": data.train}[split]
+        loaded = datasets.load(meta["name"], data_dir or cfg.data_dir, download=cfg.download)
+        data = datasets.blur_test(datasets.hold_out(loaded, cfg.val_size, cfg.train_size), cfg.test_blur if test_blur is None else test_blur)
+        if list(data.shape) != list(meta["shape"]) or list(data.classes) != list(meta["classes"]):
+            raise DataError(f"{data.name} from {data.source} holds {len(data.classes)} classes of {'x'.join(map(str, data.shape))} "
+                            f"images; the model was trained on {len(meta['classes'])} classes of {'x'.join(map(str, meta['shape']))}")
+        part = {"test": data.test, "val": data.val, "train": data.train}[split]  # train: the images it trained on
         if part is None:
             raise ValueError("this run held out no validation set (val_size 0)")
         check_predict(net, predict)
@@ -358,6 +378,8 @@ def eval_(
                                "per_class": dict(zip(data.classes, per_class_accuracy(counts), strict=True)), "confusion": counts.tolist()}))
     except (ValueError, DataError, CheckpointError) as e:
         raise _fail(str(e)) from None
+    except OSError as e:  # the confusion image or an assembled checkpoint that cannot be written
+        raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
 
 
 def _assemble_if_roles_ran_apart(run: Path, data_dir: Path | None) -> None:
@@ -429,7 +451,7 @@ def _parse_list(text: str | None, kind, name: str) -> tuple:
     try:
         return tuple(kind(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise typer.BadParameter(f"{name}: expected a comma-separated list of numbers; got {text!r}") from None
+        raise ValueError(f"{name}: expected a comma-separated list of numbers; got {text!r}") from None
 
 
 @app.command()

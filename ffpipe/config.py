@@ -21,6 +21,9 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 
 MAX_THREADS = 1024  # torch threads per process: more only exhausts memory maps
+MAX_EPOCHS = 1_000_000  # the seed recipe's 3000 with room to spare; beyond, a typo
+MAX_BATCH = 1 << 20  # images per batch: more than any dataset here holds, and a batch this size is gigabytes
+MAX_SHIFT = 64  # pixels; a run also refuses a shift of half its images' side or more
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -138,6 +141,9 @@ class RunConfig:
             raise ValueError("skip_first needs at least two layers; pass --no-skip-first for a one-layer net")
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
+        for name, value, most in (("epochs", self.epochs, MAX_EPOCHS), ("batch_size", self.batch_size, MAX_BATCH), ("shift", self.shift, MAX_SHIFT)):
+            if value > most:
+                raise ValueError(f"{name} must be at most {most:,}; got {value!r}")
         _positive("val_size", self.val_size, allow_zero=True)
         _positive("train_size", self.train_size, allow_zero=True)
         _positive("shift", self.shift, allow_zero=True)

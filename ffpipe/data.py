@@ -387,11 +387,11 @@ def hold_out(data: Data, val_size: int, train_size: int = 0) -> Data:
     less any that are exact copies of an image left for training, then keep only the first `train_size` of the
     rest for training (0 = all)."""
     if val_size >= len(data.train):
-        raise DataError(f"val_size {val_size} must be smaller than the {len(data.train)} training images")
+        raise DataError(f"--val-size {val_size} must be smaller than the {len(data.train):,} training images {data.name} has")
     n = len(data.train) - val_size
     tr = data.train
     if train_size > n:
-        raise DataError(f"train_size {train_size} is more than the {n} training images {data.name} has" + (" after the hold-out" if val_size else ""))
+        raise DataError(f"--train-size {train_size} is more than the {n:,} training images {data.name} has" + (" after the hold-out" if val_size else ""))
     if val_size:
         seen = {_image_key(x) for x in tr.x[:n]}
         keep = torch.tensor([_image_key(x) not in seen for x in tr.x[n:]], dtype=torch.bool)

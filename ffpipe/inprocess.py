@@ -193,8 +193,7 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
         start_phase, start_epoch, batches_done = resume["phase"], resume["epoch"], resume["batches"]
         p = resume["progress"]
         history, time_to, train_s, samples_done = list(p["history"]), dict(p["time_to"]), p["train_s"], p["samples"]
-        if start_epoch >= cfg.epochs and start_phase == len(phases) - 1:
-            raise ValueError(f"{out} already finished all {cfg.epochs} epochs; nothing to resume")
+        check_resumable(cfg, resume)
     wall0 = saved_at = time.perf_counter()
     progress = RunProgress(total_batches, enabled=show_progress)
     progress.advance(batches_done)
@@ -274,6 +273,15 @@ def train(cfg: RunConfig, data: Data, *, show_progress: bool = True, resume: dic
     write_json(out / "summary.json", summary)
     progress.log(f"ffpipe: test accuracy {test['accuracy']:.4f}; wrote {out}/summary.json, metrics.jsonl, {checkpoint.FILENAME}")
     return summary
+
+
+def check_resumable(cfg: RunConfig, resume: dict) -> None:
+    """Refuse to resume a run that has trained every epoch `cfg` asks for (in its last phase, for the greedy
+    schedule): before anything in its folder is written."""
+    phases = len(cfg.layers) if cfg.schedule == "greedy" else 1
+    if resume["epoch"] >= cfg.epochs and resume["phase"] == phases - 1:
+        raise ValueError(f"{cfg.out} has trained {resume['epoch']} epochs" + (" in its last phase" if phases > 1 else "")
+                         + f", and --epochs {cfg.epochs} asks for no more; nothing to resume (give more --epochs)")
 
 
 def set_lr_all(opts, ro_opt, cfg: RunConfig, epoch: int) -> None:

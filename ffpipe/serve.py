@@ -16,6 +16,9 @@ from ffpipe.model import FFNet
 def load_model(path: str | Path, device: str = "cpu") -> tuple[FFNet, dict]:
     """Rebuild the net from a checkpoint (weights_only=True); returns it in eval mode with the data metadata."""
     payload = checkpoint.load(path, map_location=device)
+    if "model" not in payload and ("layer" in payload or "readout" in payload or "expected" in payload):
+        raise checkpoint.CheckpointError(f"{checkpoint.resolve(path)} holds one role of a pipelined run, not a model: give the "
+                                         f"run folder (or its {checkpoint.FILENAME})")
     try:
         cfg = RunConfig.from_json(payload["config"])
         meta = payload["data"]

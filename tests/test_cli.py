@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_idx_dataset
+from conftest import make_idx_dataset, write_idx
+from ffpipe import checkpoint
 from ffpipe.cli import app
 
 runner = CliRunner()
@@ -127,6 +128,12 @@ def test_predict_classifies_image_files(trained, tmp_path):
         (["run", "--preset", "fastest"], "unknown preset"),
         (["run", "--layers", "99999999999,20"], "at most 1,048,576 units"),
         (["run", "--threads", "100000"], "threads must be at most 1024"),
+        (["run", "--shift", "3000000000"], "--shift must be at most 64; got 3000000000"),
+        (["run", "--batch-size", "99999999999999999999"], "--batch-size must be at most 1,048,576"),
+        (["run", "--epochs", "99999999999"], "--epochs must be at most 1,000,000"),
+        (["run", "--dataset", "digits", "--shift", "4"], "--shift 4: digits's images are 8x8; shift them by less than half that (at most 3)"),
+        (["run", "--dataset", "digits", "--val-size", "100000"], "--val-size 100000 must be smaller than the 1,437 training images digits has"),
+        (["run", "--dataset", "digits", "--train-size", "100000"], "--train-size 100000 is more than the 1,437 training images digits has"),
         (["run", "--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**63)"),
         (["run", "--dataset", "imagenet"], "dataset must be one of"),
         (["run", "--epochs", "0"], "epochs"),
@@ -141,9 +148,65 @@ def test_predict_classifies_image_files(trained, tmp_path):
 )
 def test_bad_input_gives_one_clear_error_and_exit_code(args, message):
     result = _run(*args)
-    assert result.exit_code != 0
+    assert result.exit_code == 1, result.output
     assert message in result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_eval_refuses_data_of_another_shape_and_a_role_checkpoint_and_an_unwritable_confusion(trained, tmp_path):
+    mnist = tmp_path / "mnist-run"
+    make_idx_dataset(tmp_path / "data28" / "MNIST" / "raw")
+    assert _run("run", "--inprocess", "--dataset", "mnist", "--data-dir", tmp_path / "data28", "--no-download", "--layers", "16,16",
+                "--epochs", "1", "--threads", "1", "--out", mnist, "--quiet").exit_code == 0
+    raw = tmp_path / "data14" / "MNIST" / "raw"  # the same files, with 14x14 images
+    for split, n in (("train", 64), ("t10k", 32)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", np.zeros((n, 14, 14)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    result = _run("eval", "--checkpoint", mnist, "--data-dir", tmp_path / "data14")
+    assert result.exit_code == 1 and "holds 10 classes of 1x14x14 images; the model was trained on 10 classes of 1x28x28" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+    role = tmp_path / "layer0.pt"
+    checkpoint.save(role, {"layer": {}, "config": "{}"})
+    result = _run("eval", "--checkpoint", role)
+    assert result.exit_code == 1 and "holds one role of a pipelined run, not a model: give the run folder" in result.output
+
+    result = _run("eval", "--checkpoint", trained, "--confusion", "/proc/ffpipe-confusion.png")  # root may, and cannot
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_eval_of_the_training_split_takes_the_images_the_run_trained_on(tmp_path):
+    out = tmp_path / "run"
+    assert _run("run", "--inprocess", "--dataset", "digits", "--layers", "16,16", "--epochs", "1", "--train-size", "300",
+                "--val-size", "100", "--threads", "1", "--out", out, "--quiet").exit_code == 0
+    result = _run("eval", "--checkpoint", out, "--split", "train")
+    assert result.exit_code == 0 and json.loads(result.stdout.strip().splitlines()[-1])["samples"] == 300, result.output
+
+
+def test_a_config_taken_from_a_run_folder_does_not_overwrite_that_run(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "out": str(run)}))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = _run("run", "--config", run / "config.json", "--inprocess", "--quiet")
+    assert result.exit_code == 1 and f"would write this run into {run}, over the run it came from; give --out" in result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert _run("run", "--config", run / "config.json", "--inprocess", "--epochs", "1", "--out", tmp_path / "new", "--quiet").exit_code == 0
+
+
+def test_a_refused_inprocess_resume_writes_nothing(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)  # 3 epochs trained
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = _run("run", "--resume", run, "--epochs", "2", "--quiet")
+    assert result.exit_code == 1 and "has trained 3 epochs, and --epochs 2 asks for no more; nothing to resume" in result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert _run("run", "--resume", run, "--epochs", "4", "--quiet").exit_code == 0
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
