@@ -264,10 +264,10 @@ def _finished(run: Path) -> bool:
 def _check_resume(saved, cfg, pipeline: bool) -> None:
     """A resumed run keeps what its checkpoints were made with: the dataset and the layers, and in a pipeline also
     what numbers its stream (the sink's STREAM_FIELDS). Flags that change them are refused, naming each."""
-    from ffpipe.sink import STREAM_FIELDS
+    from ffpipe.sink import READOUT_MADE_WITH, STREAM_FIELDS
     from ffpipe.worker import MADE_WITH
 
-    changed = cfg.changed_from(saved, MADE_WITH + (STREAM_FIELDS if pipeline else ()))
+    changed = cfg.changed_from(saved, MADE_WITH + READOUT_MADE_WITH + (STREAM_FIELDS if pipeline else ()))
     if changed:
         was = ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items())
         raise ValueError(f"--resume continues the run as it was made ({was}); drop the flags that change "

@@ -217,10 +217,16 @@ class RunConfig:
         return cls.from_dict(json.loads(text))
 
     def changed_from(self, saved: RunConfig | None, fields) -> dict:
-        """The fields among `fields` where `saved` (what a checkpoint was made with) differs from this config,
-        with saved's values: what a resume refuses to change."""
+        """The fields among `fields` ("layers", or a nested one such as "optim.name") where `saved` (what a
+        checkpoint was made with) differs from this config, with saved's values: what a resume refuses to change."""
         mine, theirs = self.to_dict(), saved.to_dict() if saved is not None else {}
-        return {k: theirs.get(k) for k in dict.fromkeys(fields) if mine.get(k) != theirs.get(k)}
+
+        def get(d: dict, key: str):
+            for part in key.split("."):
+                d = d.get(part) if isinstance(d, dict) else None
+            return d
+
+        return {k: get(theirs, k) for k in dict.fromkeys(fields) if get(mine, k) != get(theirs, k)}
 
 
 # Named presets: only the fields that differ from RunConfig's defaults.

@@ -42,6 +42,7 @@ GAP_REPORT_S = 1.0  # at most one gap report per this long for the same missing 
 STATE = "sink.pt"
 # settings that decide the stream's numbering: sink.pt from a run with other values cannot be continued
 STREAM_FIELDS = ("dataset", "val_size", "train_size", "layers", "batch_size", "epochs", "eval_every", "seed")
+READOUT_MADE_WITH = ("readout_optim.name",)  # the readout's optimizer state is that optimizer's
 MAX_FEATURE = 1e4  # readout features are normalized outputs (unit mean square): none exceeds sqrt(width) <= 2048
 
 
@@ -91,7 +92,7 @@ class Sink:
         if not path.is_file():
             return
         p = checkpoint.load(path)
-        changed = self.cfg.changed_from(RunConfig.from_json(p["config"]) if "config" in p else None, STREAM_FIELDS)
+        changed = self.cfg.changed_from(RunConfig.from_json(p["config"]) if "config" in p else None, STREAM_FIELDS + READOUT_MADE_WITH)
         if changed:  # the stream numbers would not line up with this run's
             raise checkpoint.CheckpointError(f"{path}: from a run with other {', '.join(changed)} "
                                              f"({', '.join(f'{k}={v!r}' for k, v in changed.items())}); resume with the same settings")

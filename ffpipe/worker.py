@@ -48,7 +48,7 @@ MAX_INPUT_FEATURES = 1 << 22  # layer 0 takes its width from the first batch; no
 MAX_CLASSES = 100_000
 # what a layer's weights are made with: a resumed layer refuses a run that changes any of them (the sink refuses
 # one that numbers its stream differently; a launcher-led --resume checks all of these before any role starts)
-MADE_WITH = ("dataset", "standardize", "equalize", "whiten", "layers", "layer")
+MADE_WITH = ("dataset", "standardize", "equalize", "whiten", "layers", "layer", "optim.name")  # the optimizer: its state
 ACTIVATIONS = ("x_pos", "x_neg", "x_neu", "x_all")  # what a layer hands the next layer, and the sink never reads
 UPDATE_INPUTS = ("x", "x_pos", "x_neg")  # a train batch's tensors that the update's loss checks for NaN and Inf
 FORWARDED = {"train": ("total", "classes", "batch", "shape"),

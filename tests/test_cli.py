@@ -259,6 +259,8 @@ def test_ctrl_c_stops_an_inprocess_run_and_says_which_epoch_is_saved(tmp_path):
     (False, ["--dataset", "mnist"], 'dataset="digits"'),
     (False, ["--whiten", "0.5"], "whiten=0.0); drop the flags that change it"),  # the inputs the layers learned from
     (True, ["--batch-size", "20", "--seed", "3"], "batch_size=50, seed=0); drop the flags that change them"),
+    (False, ["--optimizer", "adam"], 'optim.name="sgd"); drop the flags that change it'),  # its state is SGD's
+    (True, ["--readout-optimizer", "adam"], 'readout_optim.name="sgd"); drop the flags that change it'),
 ])
 def test_a_refused_resume_leaves_the_run_folder_as_it_was(trained, tmp_path, pipeline, flags, message):
     import shutil
