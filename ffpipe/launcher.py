@@ -193,7 +193,8 @@ class Launcher:
             held = all((self.out / f"layer{i}.pt").is_file() for i in range(len(self.cfg.layers)))
             if held:
                 self.assemble_checkpoint()
-            raise PipelineError("stopped on request before the run finished; " + (
+            why = "stopped on request" if self.stop_requested_at is not None else "the source was stopped by a signal of its own"
+            raise PipelineError(f"{why} before the run finished; " + (
                 f"{self.out / checkpoint.FILENAME} holds the layers as they stopped (ffpipe eval), " if held else "")
                 + f"--resume {self.out} continues the run")
         self.assemble_checkpoint()
@@ -246,7 +247,8 @@ class Launcher:
         return self.stop_requested_at is not None and rc in (-signal.SIGTERM, STOPPED_ALONE)
 
     def _watch(self) -> bool:
-        """Until every child has exited; True when they stopped on request before the run finished."""
+        """Until every child has exited; True when they stopped before the run finished: on the launcher's request,
+        or at an interrupted stop from the source, which a signal of its own makes it send."""
         while True:
             for k, c in enumerate(self.children):
                 rc = c.proc.poll()
@@ -272,8 +274,7 @@ class Launcher:
                     raise PipelineError(f"{c.name} (pid {c.proc.pid}) died: {what}{after}; stopped the rest")
             if all(c.proc.poll() == 0 or (c.proc.poll() is not None and self._stopped(c, c.proc.poll())) for c in self.children):
                 summary = self.out / "summary.json"
-                interrupted = not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True)
-                return self.stop_requested_at is not None and interrupted
+                return not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True)
             if self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > STOP_GRACE_S:
                 alive = [c.name for c in self.children if c.proc.poll() is None]
                 raise PipelineError(f"stop requested but {', '.join(alive)} did not finish within {STOP_GRACE_S:g}s; killed")

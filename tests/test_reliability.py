@@ -103,6 +103,25 @@ def test_a_sigterm_to_one_layer_or_the_sink_alone_is_a_failure_the_launcher_rest
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_a_sigterm_to_the_source_alone_ends_the_run_as_stopped_not_as_a_success(tmp_path):
+    """The source takes it as a stop request (it sends every role an interrupted stop); the run is not finished,
+    so the launcher must not exit 0, and the run can be resumed."""
+    out = tmp_path / "run"
+    proc = _launch(out, "--restart", "on-failure")
+    _wait_until(proc, lambda: (out / "run.json").is_file() and (out / "layer1.pt").is_file()
+                and checkpoint.load(out / "layer1.pt")["last_batch"] >= 20)
+    os.kill(_pid(out, "source", None), signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output
+    assert f"error: the source was stopped by a signal of its own before the run finished; {out / 'checkpoint.pt'} holds" in output
+    assert _summary(out)["interrupted"] is True
+    _cli("run", "--resume", out)
+    s = _summary(out)
+    assert not s["interrupted"] and s["accounting"]["complete"] and s["accounting"]["applied"] == [BATCHES, BATCHES]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_without_restart_a_kill_9_stops_everything_and_names_the_role(tmp_path):
     out = tmp_path / "run"
     proc = _launch(out)
