@@ -33,6 +33,13 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _os_error(e: OSError) -> str:
+    """"FILE: reason", or the reason alone when the OS names no file (a write to a full disk)."""
+    if not e.strerror:
+        return str(e)
+    return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+
+
 def _flag_named(message: str) -> str:
     """A config's "retransmit_s must be > 0" as the user typed it: "--retransmit-after must be > 0"."""
     import dataclasses
@@ -246,7 +253,7 @@ def run(
     except (ValueError, DataError, CheckpointError, PipelineError, PeerTimeout, zmq.ZMQError, Diverged) as e:
         raise _fail(_flag_named(str(e))) from None
     except OSError as e:
-        raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
+        raise _fail(_os_error(e)) from None
 
 
 def _holds_run(folder: Path) -> bool:
@@ -379,7 +386,7 @@ def eval_(
     except (ValueError, DataError, CheckpointError) as e:
         raise _fail(str(e)) from None
     except OSError as e:  # the confusion image or an assembled checkpoint that cannot be written
-        raise _fail(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
+        raise _fail(_os_error(e)) from None
 
 
 def _assemble_if_roles_ran_apart(run: Path, data_dir: Path | None) -> None:

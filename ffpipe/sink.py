@@ -424,6 +424,8 @@ class Sink:
                     self.stop = stop
                     self._save(metrics)
                     self._ack(control, force=True, stopped=True)
+                else:  # a SIGTERM to the sink alone: keep what it has taken, as a layer keeps its checkpoint
+                    self._save(metrics)
         finally:
             inbox.close()
             control.close()

@@ -103,6 +103,20 @@ def test_a_sigterm_to_one_layer_or_the_sink_alone_is_a_failure_the_launcher_rest
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_a_sink_stopped_alone_saves_what_it_has_taken(tmp_path):
+    out = tmp_path / "run"
+    proc = _launch(out)
+    _wait_until(proc, lambda: (out / "run.json").is_file() and (out / "sink.pt").is_file()
+                and checkpoint.load(out / "sink.pt")["last_batch"] >= 20)
+    os.kill(_pid(out, "sink", None), signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "sink (pid" in output and "stopped by a SIGTERM of its own" in output, output
+    saved = checkpoint.load(out / "sink.pt")
+    assert saved["received"]["train"] == _summary(out)["accounting"]["received_train"] == saved["last_batch"] > 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_a_sigterm_to_the_source_alone_ends_the_run_as_stopped_not_as_a_success(tmp_path):
     """The source takes it as a stop request (it sends every role an interrupted stop); the run is not finished,
     so the launcher must not exit 0, and the run can be resumed."""
