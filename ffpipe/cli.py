@@ -33,6 +33,9 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+SOURCE_ADDR, SINK_ADDR = "127.0.0.1:5550", "127.0.0.1:5549"  # --role's defaults
+
+
 def _os_error(e: OSError) -> str:
     """"FILE: reason", or the reason alone when the OS names no file (a write to a full disk)."""
     if not e.strerror:
@@ -122,9 +125,9 @@ def run(
     config_file: Annotated[Optional[Path], typer.Option("--config", help="Start from this run's config.json instead of a preset (flags still override).", envvar="FFPIPE_CONFIG", rich_help_panel=_PANEL_PIPE)] = None,
     role: Annotated[Optional[str], typer.Option(help="Run one role of a pipeline: source, layer or sink (what each container runs).", envvar="FFPIPE_ROLE", rich_help_panel=_PANEL_PIPE)] = None,
     index: Annotated[Optional[int], typer.Option(help="With --role layer: which layer (0-based).", envvar="FFPIPE_INDEX", rich_help_panel=_PANEL_PIPE)] = None,
-    source_addr: Annotated[str, typer.Option(help="host:port where the source receives beliefs.", envvar="FFPIPE_SOURCE_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5550",
+    source_addr: Annotated[str, typer.Option(help="host:port where the source receives beliefs.", envvar="FFPIPE_SOURCE_ADDR", rich_help_panel=_PANEL_PIPE)] = SOURCE_ADDR,
     layer_addrs: Annotated[Optional[str], typer.Option(help="host:port where each layer receives, comma-separated (default 127.0.0.1:5551, :5552, ...).", envvar="FFPIPE_LAYER_ADDRS", rich_help_panel=_PANEL_PIPE)] = None,
-    sink_addr: Annotated[str, typer.Option(help="host:port where the sink receives.", envvar="FFPIPE_SINK_ADDR", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1:5549",
+    sink_addr: Annotated[str, typer.Option(help="host:port where the sink receives.", envvar="FFPIPE_SINK_ADDR", rich_help_panel=_PANEL_PIPE)] = SINK_ADDR,
     keys: Annotated[Optional[Path], typer.Option(help="Encrypt and authenticate every link with the CURVE keys in this folder (`ffpipe keys DIR` makes them).", envvar="FFPIPE_KEYS", rich_help_panel=_PANEL_PIPE)] = None,
     pin: Annotated[bool, typer.Option("--pin", help="Pin layer i to core i mod n, the source and the sink to the core whose layers cost least; Linux.", rich_help_panel=_PANEL_PIPE)] = False,
     bind_host: Annotated[str, typer.Option(help="Interface a role binds its receiving socket on (0.0.0.0 in containers).", envvar="FFPIPE_BIND_HOST", rich_help_panel=_PANEL_PIPE)] = "127.0.0.1",
@@ -157,6 +160,12 @@ def run(
     try:
         if restart not in ("no", "on-failure"):
             raise ValueError(f"--restart must be no or on-failure; got {restart!r}")
+        if role is None:  # otherwise ignored: refused, so that a mistyped --role is not a silent local run
+            placed = [flag for flag, given in (("--index", index is not None), ("--source-addr", source_addr != SOURCE_ADDR),
+                                               ("--layer-addrs", layer_addrs is not None), ("--sink-addr", sink_addr != SINK_ADDR)) if given]
+            if placed:
+                raise ValueError(f"{', '.join(placed)} place{'s' if len(placed) == 1 else ''} one role started with --role; "
+                                 "ffpipe run without --role launches every role on loopback ports of its own")
         for flag, value, zero in (("--lr", lr, False), ("--readout-lr", readout_lr, False), ("--weight-decay", weight_decay, True)):
             if value is not None and not (math.isfinite(value) and (value > 0 or zero and value == 0)):  # the config's
                 raise ValueError(f"{flag} must be {'>= 0' if zero else '> 0'}; got {value!r}")  # says only "lr"

@@ -129,6 +129,7 @@ def test_predict_classifies_image_files(trained, tmp_path):
         (["run", "--layers", "99999999999,20"], "at most 1,048,576 units"),
         (["run", "--threads", "100000"], "threads must be at most 1024"),
         (["run", "--shift", "3000000000"], "--shift must be at most 64; got 3000000000"),
+        (["run", "--layer-addrs", "127.0.0.1:x", "--index", "3"], "--index, --layer-addrs place one role started with --role"),
         (["run", "--batch-size", "99999999999999999999"], "--batch-size must be at most 1,048,576"),
         (["run", "--epochs", "99999999999"], "--epochs must be at most 1,000,000"),
         (["run", "--dataset", "digits", "--shift", "4"], "--shift 4: digits's images are 8x8; shift them by less than half that (at most 3)"),
