@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 import zmq
 from rich.console import Console
-from rich.table import Table
 
 from ffpipe import __version__
 from ffpipe.checkpoint import CheckpointError
@@ -450,15 +449,32 @@ def predict(
 @app.command()
 def presets() -> None:
     """List the named presets and what each sets."""
-    from ffpipe.config import PRESETS, preset as make
+    from ffpipe.config import PRESET_DATASET_DEFAULTS, PRESETS, RunConfig, preset as make
 
-    table = Table("preset", "layers", "epochs", "batch", "schedule", "negatives", "optimizer", "layer math")
+    base = RunConfig().to_dict()
+
+    def sets(cfg: dict, against: dict) -> str:
+        theirs = _flatten(against)
+        return ", ".join(f"{k}={_shown(v)}" for k, v in _flatten(cfg).items() if k != "preset" and v != theirs.get(k)) or "nothing else"
+
+    typer.echo("every preset starts from: " + ", ".join(f"{k}={_shown(v)}" for k, v in _flatten(base).items() if k != "preset"))
     for name in PRESETS:
-        c = make(name)
-        table.add_row(name, ",".join(map(str, c.layers)), str(c.epochs), str(c.batch_size), c.schedule, c.negatives,
-                      f"{c.optim.name} lr {c.optim.lr:g} {c.optim.schedule}",
-                      f"{c.layer.norm} norm, {c.layer.goodness} goodness, threshold {c.layer.threshold:g}, {c.layer.loss}, peer {c.layer.peer_norm:g}")
-    Console().print(table)
+        c = make(name).to_dict()
+        typer.echo(f"\n{name}: {sets(c, base)}")
+        for (p, dataset), _ in PRESET_DATASET_DEFAULTS.items():
+            if p == name:
+                typer.echo(f"  on {dataset}: {sets(make(name, dataset=dataset).to_dict(), {**c, 'dataset': dataset})}")
+    typer.echo("\nflags given to ffpipe run override any of these")
+
+
+def _flatten(d: dict) -> dict:
+    """A config's dict with its nested ones spelled out: {"layer": {"norm": "rms"}} -> {"layer.norm": "rms"}."""
+    return {f"{k}.{kk}" if isinstance(v, dict) else k: vv
+            for k, v in d.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _parse_list(text: str | None, kind, name: str) -> tuple:

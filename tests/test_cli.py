@@ -225,7 +225,9 @@ def test_unreadable_image_is_named(trained, tmp_path):
 
 def test_presets_and_version():
     result = _run("presets")
-    assert result.exit_code == 0 and all(name in result.output for name in ("quick", "hinton", "seed"))
+    assert result.exit_code == 0 and all(f"\n{name}: " in result.output for name in ("quick", "hinton", "seed"))
+    assert "quick: layers=500,500, epochs=5\n  on digits: epochs=40, batch_size=50\n" in result.output  # what a digits run gets
+    assert "layer.norm=l2" in result.output and "on cifar10: val_size=0, epochs=3000" in result.output
     assert _run("--version").output.startswith("ffpipe ")
 
 
