@@ -364,9 +364,9 @@ def eval_(
         net, meta = load_model(checkpoint, device)
         cfg = net.cfg
         if split not in ("test", "val", "train"):
-            raise ValueError(f"split must be test, val or train; got {split!r}")
+            raise ValueError(f"--split must be test, val or train; got {split!r}")
         if predict not in (None, "goodness", "readout"):
-            raise ValueError(f"predict must be goodness or readout; got {predict!r}")
+            raise ValueError(f"--predict must be goodness or readout; got {predict!r}")
         if test_blur is not None and not (test_blur >= 0 and math.isfinite(test_blur)):
             raise ValueError(f"--test-blur must be >= 0; got {test_blur!r}")
         loaded = datasets.load(meta["name"], data_dir or cfg.data_dir, download=cfg.download)

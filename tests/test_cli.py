@@ -167,6 +167,10 @@ def test_eval_refuses_data_of_another_shape_and_a_role_checkpoint_and_an_unwrita
     assert result.exit_code == 1 and "holds 10 classes of 1x14x14 images; the model was trained on 10 classes of 1x28x28" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
 
+    for flag, value in (("--split", "bogus"), ("--predict", "bogus")):
+        result = _run("eval", "--checkpoint", trained, flag, value)
+        assert result.exit_code == 1 and f"error: {flag} must be " in result.output, result.output
+
     role = tmp_path / "layer0.pt"
     checkpoint.save(role, {"layer": {}, "config": "{}"})
     result = _run("eval", "--checkpoint", role)
