@@ -461,9 +461,8 @@ def presets() -> None:
     for name in PRESETS:
         c = make(name).to_dict()
         typer.echo(f"\n{name}: {sets(c, base)}")
-        for (p, dataset), _ in PRESET_DATASET_DEFAULTS.items():
-            if p == name:
-                typer.echo(f"  on {dataset}: {sets(make(name, dataset=dataset).to_dict(), {**c, 'dataset': dataset})}")
+        for dataset in (d for p, d in PRESET_DATASET_DEFAULTS if p == name):
+            typer.echo(f"  on {dataset}: {sets(make(name, dataset=dataset).to_dict(), {**c, 'dataset': dataset})}")
     typer.echo("\nflags given to ffpipe run override any of these")
 
 
