@@ -209,20 +209,24 @@ def recv(sock: zmq.Socket, timeout_ms: int | None = None, check_finite: bool = T
 def reject_the_rest(sock: zmq.Socket, rejected: Rejections, expected: tuple[str, ...], quiet_ms: int = 100,
                     limit_s: float = 2.0) -> None:
     """For a role that has taken the stream's stop, whose peers send nothing after it but the kinds in `expected`
-    (a resent stop, a heartbeat): read what is still on its way to `sock`, until nothing comes for quiet_ms or for at
-    most limit_s, and count each other message in `rejected`. ZeroMQ takes turns between a socket's peers, so a
-    stranger's queue may outlast the stream's; left unread, its messages would be missing from the run's count."""
+    (a resent stop, a heartbeat): read what is still on its way to `sock`, until nothing else comes for quiet_ms
+    (the expected kinds, which come on their own clock, do not extend it) or for at most limit_s, and count each
+    other message in `rejected`. ZeroMQ takes turns between a socket's peers, so a stranger's queue may outlast
+    the stream's; left unread, its messages would be missing from the run's count."""
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
+    quiet_until = time.monotonic() + quiet_ms / 1000
+    while (now := time.monotonic()) < min(deadline, quiet_until):
         try:
-            msg = recv(sock, quiet_ms)
+            msg = recv(sock, max(1, int((min(deadline, quiet_until) - now) * 1000)))
         except WireError as e:
             rejected.add(f"after the stop: {e}"[:160])
-            continue
-        if msg is None:
-            return
-        if msg.kind not in expected:
+        else:
+            if msg is None:
+                return
+            if msg.kind in expected:
+                continue
             rejected.add(f"after the stop: a {msg.kind!r} message")
+        quiet_until = time.monotonic() + quiet_ms / 1000
 
 
 def _peer(frame) -> str:

@@ -82,6 +82,7 @@ def test_a_stream_of_refused_messages_does_not_hold_the_idle_clock(monkeypatch):
 @pytest.mark.timeout(30)
 def test_what_comes_after_the_stop_is_read_and_counted_and_a_flood_cannot_hold_the_role():
     import threading
+    import time
 
     from ffpipe.wire import Rejections
 
@@ -116,6 +117,26 @@ def test_what_comes_after_the_stop_is_read_and_counted_and_a_flood_cannot_hold_t
             transport.reject_the_rest(inbox, Rejections("layer 0"), expected=(), limit_s=0.5)  # returns: no hang
         finally:
             flooding.clear()
+            thread.join(timeout=5)
+        while transport.recv(inbox, 200) is not None:  # what the flood left queued
+            pass
+
+        beating = threading.Event()
+        beating.set()
+
+        def beat():  # heartbeats come on their own clock: they must not keep the role reading until limit_s
+            while beating.is_set():
+                transport.send(peer, Message("heartbeat", 0, 0, {}), 2000)
+                time.sleep(0.01)  # the heartbeat's period, not a synchronization
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            rejected = Rejections("sink")
+            transport.reject_the_rest(inbox, rejected, expected=("heartbeat",), limit_s=120)  # past the test's timeout
+            assert rejected.total() == 0
+        finally:
+            beating.clear()
             thread.join(timeout=5)
     finally:
         for sock in (inbox, peer, stranger):
