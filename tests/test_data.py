@@ -35,7 +35,7 @@ def test_validation_split_comes_from_the_end_of_train(tmp_path):
     d = data.load("mnist", tmp_path, download=False, val_size=16)
     assert len(d.train) == 48 and len(d.val) == 16 and len(d.test) == 32
     assert torch.equal(d.val.y, torch.from_numpy(made["train"][1][48:]).long())
-    with pytest.raises(DataError, match="val_size"):
+    with pytest.raises(DataError, match="--val-size 64 must be smaller than the 64 training images"):
         data.load("mnist", tmp_path, download=False, val_size=64)
 
 

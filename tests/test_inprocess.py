@@ -98,7 +98,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, digi
     for key in a:
         assert_close(a[key], b[key], rtol=0, atol=0)
     assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"])
-    with pytest.raises(ValueError, match="already finished"):
+    with pytest.raises(ValueError, match="has trained 4 epochs, and --epochs 4 asks for no more; nothing to resume"):
         inprocess.train(cfg, digits, show_progress=False, resume=checkpoint.load(tmp_path / "b" / "run"))
 
 
