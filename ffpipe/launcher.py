@@ -129,9 +129,9 @@ class Launcher:
         self.stop_requested_at: float | None = None
         self.resume = resume
 
-    def _spawn(self, role: str, index: int | None, device: str, flags: list[str]) -> Child:
+    def _spawn(self, role: str, index: int | None, device: str, flags: list[str], resume: bool = False) -> Child:
         cmd = [sys.executable, "-m", "ffpipe", "run", "--role", role, *flags]
-        if self.restarts.get(role if index is None else f"{role} {index}") and "--resume-role" not in cmd:
+        if (resume or self.restarts.get(role if index is None else f"{role} {index}")) and "--resume-role" not in cmd:
             cmd.append("--resume-role")  # a restart continues from the role's checkpoint
         if index is not None:
             cmd += ["--index", str(index)]
@@ -268,6 +268,7 @@ class Launcher:
                         print(f"ffpipe: {c.name} (pid {c.proc.pid}) died: {what}; restarting it from its checkpoint "
                               f"(restart {done + 1} of {self.max_restarts})", file=sys.stderr, flush=True)
                         self.children[k] = self._spawn(c.role, c.index, c.device, self.flags)
+                        self._pass_the_stop_again(c)
                         self._write_run_json()
                         continue
                     after = f" after {done} restart{'s' if done != 1 else ''}" if done else ""
@@ -279,6 +280,21 @@ class Launcher:
                 alive = [c.name for c in self.children if c.proc.poll() is None]
                 raise PipelineError(f"stop requested but {', '.join(alive)} did not finish within {STOP_GRACE_S:g}s; killed")
             time.sleep(0.1)  # polling child processes, not synchronizing with them
+
+    def _pass_the_stop_again(self, restarted: Child) -> None:
+        """A layer (after the first) or the sink restarted in the run's final stop, after the layer before it had
+        passed the stop on and exited: no one would send it again (the source resends it to layer 0 only). That
+        layer is started again; its checkpoint holds the stop, which it forwards, and it exits."""
+        if restarted.role == "source" or restarted.index == 0:
+            return  # the source resends an unconfirmed stop to layer 0
+        up = len(self.cfg.layers) - 1 if restarted.role == "sink" else restarted.index - 1
+        own = self.out / ("sink.pt" if restarted.role == "sink" else f"layer{restarted.index}.pt")
+        k, before = next((k, c) for k, c in enumerate(self.children) if c.role == "layer" and c.index == up)
+        if before.proc.poll() != 0 or holds_final_stop(own):  # it is still there to forward it, or the restarted has it
+            return
+        print(f"ffpipe: {before.name} had passed the run's stop on and exited; starting it again to pass the stop to "
+              f"the restarted {restarted.name}", file=sys.stderr, flush=True)
+        self.children[k] = self._spawn(before.role, before.index, before.device, self.flags, resume=True)
 
     def _kill_all(self) -> None:
         alive = [c for c in self.children if c.proc.poll() is None]
@@ -294,6 +310,15 @@ class Launcher:
 
     def assemble_checkpoint(self) -> None:
         assemble_checkpoint(self.out, self.cfg, self.data)
+
+
+def holds_final_stop(path: Path) -> bool:
+    """Whether a layer's or the sink's checkpoint holds the run's final stop (not an interrupted one)."""
+    try:
+        stop = checkpoint.load(path).get("stop") if path.is_file() else None
+    except (checkpoint.CheckpointError, OSError):
+        return False
+    return bool(stop) and not stop.get("source.interrupted")
 
 
 def assemble_checkpoint(out: Path, cfg: RunConfig, data: Data) -> Path:

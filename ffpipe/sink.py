@@ -79,6 +79,7 @@ class Sink:
         self.ack_at = float("-inf")
         self.gap_reported: tuple[int, float] = (-1, float("-inf"))
         self.heard: dict[str, tuple[float, dict]] = {}  # role -> (when its last heartbeat came, what it said)
+        self.roles = {"source", *(f"layer {i}" for i in range(len(cfg.layers)))}
         self.silent: set[str] = set()
         self.silences: dict[str, list[float]] = {}  # role -> how long each silence lasted
         self.readout_widths: dict = {}  # input shape scalar -> width of the readout's features
@@ -147,11 +148,18 @@ class Sink:
         if not force and now - self.ack_at < ACK_EVERY_S:
             return
         self.ack_at = now
-        scalars = {"next": self.expected, "durable_next": self.durable_next, "durable_batch": self.durable_batch, **flags}
+        scalars = {"next": self.expected, "durable_next": self.durable_next, "durable_batch": self.durable_batch,
+                   "idle": self._idle(), **flags}
         try:
             transport.send_nowait(control, Message("ack", 0, 0, scalars))
         except transport.PeerTimeout:
             pass
+
+    def _idle(self) -> bool:
+        """Every role has beaten and every layer's last beat said it waits for input: what the sink lacks now was
+        lost (a restart), not slow in coming (a first batch on a GPU can take seconds)."""
+        return self.roles <= self.heard.keys() and all(
+            said.get("state") == "waiting" for role, (_, said) in self.heard.items() if role.startswith("layer "))
 
     def _gap(self, control: zmq.Socket) -> None:
         """A message is missing: ask the source to resend (once per GAP_REPORT_S for the same one)."""

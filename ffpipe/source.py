@@ -87,6 +87,7 @@ class Source:
         self.resent_at = float("-inf")
         self.resent_from = -1
         self.stop_confirmed = False
+        self.idle_since: float | None = None  # since when the sink has said every layer waits for input
         self.resend_due = False
         self.backoff = 1  # doubles after each resend on a timeout that brought no progress (a stall, not a loss)
         self.last_batch = skip  # the highest train batch number in the stream so far
@@ -179,6 +180,10 @@ class Source:
             print(f"ffpipe source: the sink is back after {now - self.heard_at:.1f}s", flush=True)
             self.sink_silent = False
         self.heard_at = now
+        if s.get("idle") is not True:
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = now
         if s["next"] > self.confirmed:
             self.confirmed, self.progress_at, self.backoff = s["next"], now, 1
         while self.pending and self.pending[0].seq < s["durable_next"] and (
@@ -226,6 +231,8 @@ class Source:
         waited = 0.0
         while not out.poll(POLL_MS, zmq.POLLOUT):
             self._drain(inbox)
+            if self.stop_confirmed:  # the run is over (a stop resent to a layer 0 that has passed it on and gone)
+                return
             waited += POLL_MS / 1000
             if waited >= self.timeout_s:
                 raise transport.PeerTimeout(f"source: layer 0 took nothing for {waited:g}s (gone or stuck)")
@@ -245,8 +252,13 @@ class Source:
 
     def _check(self, out: zmq.Socket, inbox: zmq.Socket) -> None:
         """Resend when the sink reported a gap, or when nothing became confirmed or durable for retransmit_s
-        (once the sink has confirmed something: before that, the roles may still be starting)."""
-        stalled = self.confirmed > 0 and time.monotonic() - self.progress_at > self.cfg.retransmit_s * self.backoff
+        (once the sink has confirmed something; before that, roles may still be starting or busy with their first
+        batch: once the sink has said for that long that every layer waits for input, with nothing confirmed)."""
+        now, wait = time.monotonic(), self.cfg.retransmit_s * self.backoff
+        if self.confirmed > 0:
+            stalled = now - self.progress_at > wait
+        else:  # e.g. a sink lost before its first confirmation, with what it had taken
+            stalled = self.idle_since is not None and now - max(self.idle_since, self.progress_at) > wait
         if self.pending and (self.resend_due or stalled):
             if stalled and not self.resend_due:
                 self.backoff = min(self.backoff * 2, 8)

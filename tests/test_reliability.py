@@ -447,6 +447,79 @@ def test_a_source_whose_window_is_full_and_whose_sink_never_answers_gives_up_wit
     assert source.pending_train == source.window == 66 and len(taken) == 66  # sent the window, then nothing
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_source_resends_what_a_sink_lost_before_its_first_confirmation_once_every_layer_waits(tmp_path, idle):
+    """A sink lost before it confirmed anything (restarted, it holds nothing, and every layer has forwarded what
+    it had): the source's timed resend only started after a first confirmation, so the run waited out the peer
+    timeout. It now resends once the sink has said for retransmit_s that every layer waits for input; while a
+    layer works (a slow first batch) it waits."""
+    import threading
+
+    import zmq
+
+    from ffpipe import config, data, transport
+    from ffpipe.source import Source
+    from ffpipe.topology import Topology
+    from ffpipe.wire import Message
+
+    cfg = config.preset("quick", layers=(16, 16), epochs=1, batch_size=10, negatives="random", checkpoint_every=1,
+                        retransmit_s=0.3, out=str(tmp_path))
+    topo = Topology.local(2)
+    ctx = zmq.Context()
+    layer0 = transport.pull(ctx, topo.layers[0].bind_url("127.0.0.1"), hwm=10_000)
+    sink = transport.push(ctx, topo.source.connect_url(), linger_ms=0)
+    taken, done = [], threading.Event()
+
+    def layer_and_sink():  # a layer 0 that takes everything, a sink that confirms nothing
+        while not done.is_set():
+            while layer0.poll(0):
+                taken.append(transport.recv(layer0, 0).seq)
+            try:  # as the sink does: an acknowledgement the source has no room for is dropped
+                transport.send_nowait(sink, Message("ack", 0, 0, {"next": 0, "durable_next": 0, "durable_batch": 0, "idle": idle}))
+            except transport.PeerTimeout:
+                pass
+            time.sleep(0.05)  # the sink's acknowledgements come on their own clock
+
+    thread = threading.Thread(target=layer_and_sink)
+    thread.start()
+    source = Source(cfg, data.load("digits", ""), topo, peer_timeout_s=2)
+    try:
+        with pytest.raises(transport.PeerTimeout, match="window of unconfirmed batches full"):
+            source.run()
+    finally:
+        done.set()
+        thread.join()
+        sink.close()
+        layer0.close()
+        ctx.term()
+    if idle:
+        assert source.sent["retransmissions"] >= 1 and taken.count(0) == 1 + source.sent["retransmissions"]
+    else:
+        assert source.sent["retransmissions"] == 0 and taken == list(range(66))
+
+
+def test_the_sink_calls_the_pipeline_idle_once_every_role_beats_and_every_layer_waits(sink_at_hand):
+    from ffpipe import transport
+    from ffpipe.wire import Message
+
+    sink, take, _, acks = sink_at_hand
+
+    def beat(role, state):
+        sink._heartbeat(Message("heartbeat", 0, 0, {"role": role, "pid": 1, "state": state}))
+
+    beat("layer 0", "waiting")
+    beat("layer 1", "waiting")
+    assert not sink._idle()  # the source has not beaten yet
+    beat("source", "sending")
+    assert sink._idle()
+    beat("layer 1", "working")  # a slow first batch
+    assert not sink._idle()
+    beat("layer 1", "waiting")
+    take(_held(0, 1))  # the layers hold more: saved and acknowledged at once
+    assert transport.recv(acks, 2000).scalars["idle"] is True
+
+
 def test_the_sink_reports_a_silent_role_only_once_it_has_read_what_waits_in_its_inbox(sink_at_hand, capsys):
     """A sink busy for seconds (its first readout step used to import torch's compiler) finds every role's last
     heartbeat old, though their newer ones wait in its inbox: it named them all silent, falsely. It now waits
@@ -496,3 +569,50 @@ def test_the_source_reads_its_inbox_before_calling_the_sink_silent(tmp_path, cap
         sink.close()
         inbox.close()
         ctx.term()
+
+
+def _without_the_stop(path):
+    payload = {k: v for k, v in checkpoint.load(path).items() if k not in ("format", "sha256")}
+    checkpoint.save(path, {**payload, "stop": None, "stop_seq": 0})
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("victim", ["layer 1", "sink"])
+def test_a_role_restarted_in_the_final_stop_gets_it_from_the_layer_before_which_had_gone(finished, tmp_path, victim):
+    """Layer 1 (or the sink) dies in the final stop after the layer before it passed the stop on and exited: its
+    checkpoint holds every batch but not the stop, nor does the sink's. The launcher restarts it and starts the
+    layer before it again, which forwards the stop from its checkpoint; the sink takes it and the run finishes
+    (the restarted role waited out peer timeouts before, since the source resends its stop to layer 0 only)."""
+    import dataclasses
+    import shutil
+
+    from ffpipe import data
+    from ffpipe.launcher import Child, Launcher
+    from ffpipe.topology import Topology
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    for name in ("layer1.pt", "sink.pt") if victim == "layer 1" else ("sink.pt",):
+        _without_the_stop(out / name)
+    (out / "summary.json").unlink()
+    cfg = dataclasses.replace(_config(finished), out=str(out))
+    launcher = Launcher(cfg, data.load("digits", ""), ["cpu", "cpu"], 1, show_progress=False, restart="on-failure")
+    launcher.topo, launcher.started_at = Topology.local(2), time.time()
+    launcher.flags = ["--config", str(out / "config.json"), "--out", str(out), *launcher.topo.as_flags()]
+    (out / "config.json").write_text(cfg.to_json())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # roles that have finished: exit code 0
+    dead = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    gone.wait(), dead.wait()
+    if victim == "layer 1":
+        roles = [launcher._spawn("sink", None, "cpu", launcher.flags, resume=True), Child("layer", 1, "cpu", dead)]
+    else:
+        roles = [Child("sink", None, "cpu", dead), Child("layer", 1, "cpu", gone)]
+    launcher.children = [*roles, Child("layer", 0, "cpu", gone), Child("source", None, "cpu", gone)]
+    try:
+        assert launcher._watch() is False  # every role exited 0 and the summary is not an interrupted run's
+    finally:
+        launcher._kill_all()
+    assert launcher.restarts == {victim: 1}
+    s = _summary(out)
+    assert s["accounting"]["complete"] and s["history"] == _summary(finished)["history"]
+    assert checkpoint.load(out / "layer1.pt")["stop"] and checkpoint.load(out / "sink.pt")["stop"]
