@@ -268,6 +268,8 @@ class Sink:
         r["correct"] += correct
         r["readout_correct"] += readout_correct
         r["parts"] += 1
+        ahead = [v for k, v in s.items() if k.startswith("ahead.") and isinstance(v, int) and not isinstance(v, bool)]
+        r["ahead"] = max([r.get("ahead", 0), *ahead])  # a resent round that some layer scored with newer weights
         if r["parts"] < int(s["batches"]):
             return
         del self.rounds[int(s["round"])]
@@ -279,6 +281,8 @@ class Sink:
             record["readout_accuracy"] = readout_acc
         elif self.cfg.competitive and self.cfg.predict == "readout":  # its class goodness, beside the readout
             record["goodness_accuracy"] = goodness_acc
+        if r["ahead"]:
+            record["weights_ahead_batches"] = r["ahead"]
         self.history.append(record)
         metrics.write({"kind": "eval", **record})
         if s["split"] == "test":
@@ -288,7 +292,8 @@ class Sink:
         progress.log(f"epoch {record['epoch']:>4}/{self.cfg.epochs}  {s['split']} accuracy {accuracy:.4f}"
                      + (f" (readout {readout_acc:.4f})" if "readout_accuracy" in record else "")
                      + (f" (goodness {goodness_acc:.4f})" if "goodness_accuracy" in record else "")
-                     + f"  wall {elapsed:,.0f}s")
+                     + f"  wall {elapsed:,.0f}s"
+                     + (f"  (resent: scored by layers {r['ahead']} batches further on)" if r["ahead"] else ""))
 
     # ---- the loop
 

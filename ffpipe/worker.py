@@ -319,7 +319,10 @@ class Worker:
             else:
                 acc = acc + layer.goodness(h).view(b, c).cpu()
         out = {"x_all": h, "goodness": acc, "y": t["y"], **self._readout(layer, t, h, b)}
-        return Message("eval", msg.seq, msg.epoch, _upstream_scalars(msg.scalars, "eval", self.index, ()), out)
+        scalars = _upstream_scalars(msg.scalars, "eval", self.index, ("ahead.",))
+        if _is_count(after) and after < self.last_batch:  # a resent round: scored with weights of later batches
+            scalars[f"ahead.{self.index}"] = self.last_batch - after
+        return Message("eval", msg.seq, msg.epoch, scalars, out)
 
     def _forget(self, fresh: bool, epoch: int) -> None:
         """Undo what a batch its update refused changed before: the layer it built, or its epoch's learning rate."""

@@ -312,7 +312,24 @@ def test_a_layer_behind_an_evaluation_reports_a_gap_instead_of_evaluating(finish
                   {"x_all": x, "goodness": torch.zeros(2, 10), "y": torch.zeros(2, dtype=torch.long)})
     assert worker.on_eval(msg).kind == "gap" and worker.out_of_order == 1
     msg.scalars["after"] = 58
-    assert worker.on_eval(msg).kind == "eval"
+    scored = worker.on_eval(msg)
+    assert scored.kind == "eval" and not any(k.startswith("ahead.") for k in scored.scalars)
+    msg.scalars["after"] = 50  # a round resent after a sink restart: this layer has moved on 8 batches since
+    assert worker.on_eval(msg).scalars["ahead.0"] == 8
+
+
+def test_the_sink_marks_a_round_some_layer_scored_with_newer_weights(sink_at_hand):
+    """The known limit of a resent evaluation (no layer keeps old weights): its history entry says so."""
+    import torch
+
+    from ffpipe.wire import Message
+
+    sink, take, _, _ = sink_at_hand
+    y = torch.zeros(4, dtype=torch.long)
+    for seq, ahead in enumerate([{}, {"ahead.1": 8}, {}, {}]):
+        scalars = {"split": "val", "round": 1 + seq // 2, "batches": 2, "part": seq % 2, "classes": 10, **ahead}
+        take(Message("eval", seq, 1, scalars, {"y": y, "goodness": torch.zeros(4, 10)}))
+    assert [h.get("weights_ahead_batches") for h in sink.history] == [8, None]
 
 
 @pytest.fixture
