@@ -426,51 +426,10 @@ def test_a_message_the_sink_refuses_leaves_its_counts_its_rounds_and_its_readout
     assert sink.received == {"train": 1, "eval": 1} and [(h["accuracy"], h["samples"]) for h in sink.history] == [(1.0, 4)]
 
 
-@pytest.mark.timeout(60)
-def test_a_source_whose_window_is_full_and_whose_sink_never_answers_gives_up_with_one_line(tmp_path):
-    """Layer 0 takes every batch, but no sink ever confirms one: the source fills its window of unconfirmed
-    batches and then waits for acknowledgements. That wait had no time limit; it ends at the peer timeout now."""
-    import threading
-
-    import zmq
-
-    from ffpipe import config, data, transport
-    from ffpipe.source import Source
-    from ffpipe.topology import Topology
-
-    cfg = config.preset("quick", layers=(16, 16), epochs=1, batch_size=10, negatives="random", checkpoint_every=1,
-                        out=str(tmp_path))
-    topo = Topology.local(2)
-    ctx = zmq.Context()
-    layer0 = transport.pull(ctx, topo.layers[0].bind_url("127.0.0.1"), hwm=10_000)
-    taken, done = [], threading.Event()
-
-    def take():  # a layer 0 that never blocks the source and forwards nothing
-        while not done.is_set():
-            if layer0.poll(50):
-                taken.append(layer0.recv_multipart(copy=False))
-
-    reader = threading.Thread(target=take)
-    reader.start()
-    source = Source(cfg, data.load("digits", ""), topo, peer_timeout_s=1.5)
-    try:
-        with pytest.raises(transport.PeerTimeout, match="window of unconfirmed batches full"):
-            source.run()
-    finally:
-        done.set()
-        reader.join()
-        layer0.close()
-        ctx.term()
-    assert source.pending_train == source.window == 66 and len(taken) == 66  # sent the window, then nothing
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("idle", [True, False])
-def test_a_source_resends_what_a_sink_lost_before_its_first_confirmation_once_every_layer_waits(tmp_path, idle):
-    """A sink lost before it confirmed anything (restarted, it holds nothing, and every layer has forwarded what
-    it had): the source's timed resend only started after a first confirmation, so the run waited out the peer
-    timeout. It now resends once the sink has said for retransmit_s that every layer waits for input; while a
-    layer works (a slow first batch) it waits."""
+def _source_unconfirmed(tmp_path, peer_timeout_s: float, ack: dict | None = None, **cfg):
+    """A Source of a 144-batch digits run against a layer 0 that takes every message and forwards none, and, with
+    `ack`, a sink that says `ack` every 50 ms and confirms nothing. Returns the Source once it gave up, and the
+    stream numbers layer 0 took."""
     import threading
 
     import zmq
@@ -481,26 +440,27 @@ def test_a_source_resends_what_a_sink_lost_before_its_first_confirmation_once_ev
     from ffpipe.wire import Message
 
     cfg = config.preset("quick", layers=(16, 16), epochs=1, batch_size=10, negatives="random", checkpoint_every=1,
-                        retransmit_s=0.3, out=str(tmp_path))
+                        out=str(tmp_path), **cfg)
     topo = Topology.local(2)
     ctx = zmq.Context()
     layer0 = transport.pull(ctx, topo.layers[0].bind_url("127.0.0.1"), hwm=10_000)
     sink = transport.push(ctx, topo.source.connect_url(), linger_ms=0)
     taken, done = [], threading.Event()
 
-    def layer_and_sink():  # a layer 0 that takes everything, a sink that confirms nothing
+    def layer_and_sink():
         while not done.is_set():
             while layer0.poll(0):
                 taken.append(transport.recv(layer0, 0).seq)
-            try:  # as the sink does: an acknowledgement the source has no room for is dropped
-                transport.send_nowait(sink, Message("ack", 0, 0, {"next": 0, "durable_next": 0, "durable_batch": 0, "idle": idle}))
-            except transport.PeerTimeout:
-                pass
-            time.sleep(0.05)  # the sink's acknowledgements come on their own clock
+            if ack is not None:
+                try:  # as the sink does: an acknowledgement the source has no room for is dropped
+                    transport.send_nowait(sink, Message("ack", 0, 0, ack))
+                except transport.PeerTimeout:
+                    pass
+            done.wait(0.05)  # the sink's acknowledgements come on their own clock
 
     thread = threading.Thread(target=layer_and_sink)
     thread.start()
-    source = Source(cfg, data.load("digits", ""), topo, peer_timeout_s=2)
+    source = Source(cfg, data.load("digits", ""), topo, peer_timeout_s=peer_timeout_s)
     try:
         with pytest.raises(transport.PeerTimeout, match="window of unconfirmed batches full"):
             source.run()
@@ -510,6 +470,26 @@ def test_a_source_resends_what_a_sink_lost_before_its_first_confirmation_once_ev
         sink.close()
         layer0.close()
         ctx.term()
+    return source, taken
+
+
+@pytest.mark.timeout(60)
+def test_a_source_whose_window_is_full_and_whose_sink_never_answers_gives_up_with_one_line(tmp_path):
+    """Layer 0 takes every batch, but no sink ever confirms one: the source fills its window of unconfirmed
+    batches and then waits for acknowledgements. That wait had no time limit; it ends at the peer timeout now."""
+    source, taken = _source_unconfirmed(tmp_path, 1.5)
+    assert source.pending_train == source.window == 66 and taken == list(range(66))  # sent the window, then nothing
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_source_resends_what_a_sink_lost_before_its_first_confirmation_once_every_layer_waits(tmp_path, idle):
+    """A sink lost before it confirmed anything (restarted, it holds nothing, and every layer has forwarded what
+    it had): the source's timed resend only started after a first confirmation, so the run waited out the peer
+    timeout. It now resends once the sink has said for retransmit_s that every layer waits for input; while a
+    layer works (a slow first batch) it waits."""
+    ack = {"next": 0, "durable_next": 0, "durable_batch": 0, "idle": idle}
+    source, taken = _source_unconfirmed(tmp_path, 2, ack, retransmit_s=0.3)
     if idle:
         assert source.sent["retransmissions"] >= 1 and taken.count(0) == 1 + source.sent["retransmissions"]
     else:
