@@ -347,7 +347,7 @@ def eval_(
     checkpoint: Annotated[Path, typer.Option(help="Run folder (or checkpoint.pt) to evaluate.")],
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets (default: the one the run used).", envvar="FFPIPE_DATA_DIR")] = None,
     split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
-    predict: Annotated[Optional[str], typer.Option(help="goodness or readout (default: the run's).")] = None,
+    predict: Annotated[Optional[str], typer.Option(help="goodness, readout, or both (the product of the two's class probabilities; needs a trained readout). Default: the run's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
     confusion: Annotated[Optional[Path], typer.Option(help="Also draw the confusion matrix (per-class accuracy) to this PNG file.")] = None,
     test_blur: Annotated[Optional[float], typer.Option(help="Blur the test images with a Gaussian of this sigma (pixels) first; 0 = off (default: the run's --test-blur).")] = None,
@@ -363,10 +363,9 @@ def eval_(
         _assemble_if_roles_ran_apart(checkpoint, data_dir)
         net, meta = load_model(checkpoint, device)
         cfg = net.cfg
+        check_predict(net, predict)
         if split not in ("test", "val", "train"):
             raise ValueError(f"--split must be test, val or train; got {split!r}")
-        if predict not in (None, "goodness", "readout"):
-            raise ValueError(f"--predict must be goodness or readout; got {predict!r}")
         if test_blur is not None and not (test_blur >= 0 and math.isfinite(test_blur)):
             raise ValueError(f"--test-blur must be >= 0; got {test_blur!r}")
         loaded = datasets.load(meta["name"], data_dir or cfg.data_dir, download=cfg.download)
@@ -377,7 +376,6 @@ def eval_(
         part = {"test": data.test, "val": data.val, "train": data.train}[split]  # train: the images it trained on
         if part is None:
             raise ValueError("this run held out no validation set (val_size 0)")
-        check_predict(net, predict)
         if confusion is not None and confusion.is_dir():
             raise ValueError(f"--confusion {confusion} is a folder; give the PNG file to write, e.g. {confusion / 'confusion.png'}")
         if confusion is not None and not (confusion.parent.is_dir() and os.access(confusion.parent, os.W_OK)):
@@ -426,15 +424,13 @@ def _assemble_if_roles_ran_apart(run: Path, data_dir: Path | None) -> None:
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to classify (converted to the model's input size).")],
     checkpoint: Annotated[Path, typer.Option(help="Run folder (or checkpoint.pt) of a trained model.")],
-    mode: Annotated[Optional[str], typer.Option("--predict", help="goodness or readout (default: the run's).")] = None,
+    mode: Annotated[Optional[str], typer.Option("--predict", help="goodness, readout, or both (the product of the two's class probabilities; needs a trained readout). Default: the run's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device.", envvar="FFPIPE_DEVICE")] = "cpu",
 ) -> None:
     """Classify image files with a trained model; prints one JSON line per image."""
     from ffpipe.serve import check_predict, classify_files, load_model
 
     try:
-        if mode not in (None, "goodness", "readout"):
-            raise ValueError(f"--predict must be goodness or readout; got {mode!r}")
         if checkpoint.is_dir() and not (checkpoint / "checkpoint.pt").is_file() and (checkpoint / "layer0.pt").is_file():
             raise CheckpointError(f"{checkpoint}: no checkpoint.pt (its roles ran apart); ffpipe eval --checkpoint {checkpoint} "
                                   "assembles one from its layer checkpoints")

@@ -136,9 +136,14 @@ class FFNet(nn.Module):
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """Per-class scores for flat inputs; argmax is the prediction. (B, D) -> (B, C)"""
+        """Per-class scores for flat inputs; argmax is the prediction. (B, D) -> (B, C)
+        mode "both" (evaluation only): the readout's and the goodness's log-softmax added, the product of the two's
+        class probabilities (with the competitive loss, the layers are trained to give softmax(goodness) that sense)."""
         value = self.label_value(x)
-        if (mode or self.cfg.predict) == "readout":
+        mode = mode or self.cfg.predict
+        if mode == "both":
+            return F.log_softmax(self.neutral_logits(x, value), 1) + F.log_softmax(self.label_goodness(x, value), 1)
+        if mode == "readout":
             return self.neutral_logits(x, value)
         return self.label_goodness(x, value)
 

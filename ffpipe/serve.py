@@ -29,10 +29,15 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[FFNet, dict]:
     return net.to(device).eval(), meta
 
 
+PREDICT_MODES = ("goodness", "readout", "both")
+
+
 def check_predict(net: FFNet, mode: str | None) -> None:
-    """Refuse to score by a readout that was never trained: its weights start at zero, and all-zero scores would
-    name class 0 for every image."""
-    if (mode or net.cfg.predict) == "readout" and not bool(net.readout.weight.any()):
+    """Refuse a --predict other than PREDICT_MODES (None: the run's own), and scoring by a readout that was never
+    trained: its weights start at zero, and all-zero scores would name class 0 for every image."""
+    if mode not in (None, *PREDICT_MODES):
+        raise ValueError(f"--predict must be goodness, readout or both; got {mode!r}")
+    if (mode or net.cfg.predict) in ("readout", "both") and not bool(net.readout.weight.any()):
         raise ValueError("this model's linear readout was never trained (its run did not use one; every weight is 0): "
                          "score it with --predict goodness")
 

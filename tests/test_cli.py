@@ -103,6 +103,20 @@ def test_eval_can_add_the_mirror_images_scores(trained):
     assert json.loads(_run("eval", "--checkpoint", trained).stdout.strip().splitlines()[-1])["tta_flip"] is False
 
 
+def test_eval_and_predict_can_score_by_the_readout_and_the_goodness_both(trained):
+    from ffpipe.data import load
+    from ffpipe.model import evaluate
+    from ffpipe.serve import load_model
+
+    result = _run("eval", "--checkpoint", trained, "--predict", "both")
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    net, _ = load_model(trained)
+    test = load("digits", "data").test
+    assert line["predict"] == "both" and line["accuracy"] == pytest.approx(evaluate(net, test.x, test.y, mode="both")["accuracy"])
+    assert evaluate(net, test.x, test.y, mode="both")["accuracy"] != evaluate(net, test.x, test.y, mode="goodness")["accuracy"]
+
+
 def test_predict_classifies_image_files(trained, tmp_path):
     paths = []
     for i in range(2):
@@ -335,6 +349,7 @@ def test_flags_that_would_be_ignored_or_misread_are_refused_in_one_line(trained,
         (["run", "--dataset", "digits", "--device", "cuda", "--out", tmp_path / "r"], "a pipeline places its layers with --devices"),
         (["eval", "--checkpoint", untrained, "--predict", "readout"], "readout was never trained"),
         (["predict", "--checkpoint", untrained, "--predict", "readout", tmp_path / "file"], "readout was never trained"),
+        (["eval", "--checkpoint", untrained, "--predict", "both"], "readout was never trained"),
         (["eval", "--checkpoint", trained, "--confusion", tmp_path], "is a folder; give the PNG file to write"),
         (["bench", "--synthetic", "--out", tmp_path / "file"], "is a file; the bench writes a folder"),
         (["bench", "--synthetic", "--seed", "-1"], "--seed must be >= 0"),

@@ -117,3 +117,16 @@ def test_flip_tta_adds_the_mirror_images_scores():
     symmetric = torch.cat([images[..., :3], images[..., :2].flip(-1)], dim=-1)  # each row reads the same both ways
     assert torch.equal(evaluate(net, symmetric, labels, tta_flip=True)["predictions"],
                        evaluate(net, symmetric, labels)["predictions"])
+
+
+def test_both_adds_the_readouts_and_the_goodnesss_log_probabilities():
+    import torch.nn.functional as F
+
+    cfg = config.override_nested(config.preset("quick", layers=(16, 12, 8), negatives="random", predict="readout"),
+                                 layer=dict(loss="competitive", peer_norm=0.0))
+    net = FFNet((1, 5, 5), 4, cfg)
+    torch.nn.init.normal_(net.readout.weight, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(9, 25)
+    both = net.scores(x, "both")
+    assert_close(both, F.log_softmax(net.scores(x, "readout"), 1) + F.log_softmax(net.scores(x, "goodness"), 1))
+    assert both.shape == (9, 4) and bool((both <= 0).all())  # the log of a product of probabilities
