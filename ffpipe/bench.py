@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ffpipe.benchrun import VARIANTS
+from ffpipe.config import MAX_BATCH, MAX_EPOCHS
 
 BENCH_DATASETS = ("mnist", "fashion-mnist", "cifar10", "fer2013", "digits", "synthetic")  # not "auto": a benchmark names its data
 
@@ -59,8 +60,11 @@ class BenchOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.dataset not in BENCH_DATASETS:
             raise ValueError(f"--dataset must be one of {', '.join(BENCH_DATASETS)} (a benchmark names its data); got {self.dataset!r}")
-        if self.steps < 2:
-            raise ValueError("--steps must be >= 2 (the first 10%, at least one, is warm-up)")
+        if self.steps < 3:
+            raise ValueError("--steps must be >= 3 (the first 10%, at least one, is warm-up; the clock starts at the next)")
+        for flag, value, most in (("--batch-size", self.batch_size, MAX_BATCH), ("--max-epochs", self.max_epochs, MAX_EPOCHS)):
+            if value > most:
+                raise ValueError(f"{flag} must be at most {most:,}; got {value:,}")
         if not self.layers or any(w < 1 for w in self.layers):
             raise ValueError("--layers must list positive widths, e.g. 1000,1000")
         if any(s < 1 for s in self.stages) or any(k < 1 for k in self.in_flight):
@@ -71,10 +75,31 @@ class BenchOptions:
             raise ValueError("--negatives must be random or hard")
         if not (self.timeout_s > 0 and self.accuracy_timeout_s > 0) or math.inf in (self.timeout_s, self.accuracy_timeout_s):
             raise ValueError("--timeout and --accuracy-timeout must be finite and > 0")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0; got {self.seed}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63); got {self.seed}")
+        if self.devices not in ("cpu", "cuda"):  # one device kind for every variant, or the ratios compare other cards
+            raise ValueError(f"--devices must be cpu or cuda; got {self.devices!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"--out {self.out} is a file; the bench writes a folder")
+
+
+def check_data(o: BenchOptions, train_images: int) -> None:
+    """Refuse a backprop pipeline step of more images than the training set holds: it would never draw a batch."""
+    for variant in ("bp-gpipe", "bp-1f1b"):
+        if variant not in o.variants:
+            continue
+        for m, flag in [(o.microbatches, "-m")] + [(k, "--in-flight") for k in o.in_flight if variant == "bp-gpipe"]:
+            if m * o.batch_size > train_images:
+                raise ValueError(f"{variant}: a step of {flag} {m} x --batch-size {o.batch_size} = {m * o.batch_size:,} images "
+                                 f"exceeds the {train_images:,} training images of {o.dataset}; use a smaller {flag} or --batch-size")
+
+
+PLOTS = ("throughput.png", "memory.png", "accuracy.png")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _spec(o: BenchOptions, variant: str, kind: str, layers: tuple[int, ...], work: Path, **over) -> dict:
@@ -101,7 +126,7 @@ def plan(o: BenchOptions, cores: int | None = None) -> list[dict]:
     runs come in rounds, every other round in reverse order, so a drift in the machine's speed over the
     benchmark weighs on every variant alike instead of on whichever ran last."""
     work = Path(o.out) / "runs"
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     specs = []
     depths = sorted({len(o.layers), *o.stages})
     for rnd in range(1, o.repeats + 1):
@@ -245,7 +270,7 @@ def machine() -> dict:
         cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    info = {"cpu": cpu, "cores": usable_cores(), "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
@@ -334,9 +359,9 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
              + f"; torch {info['torch']}, Python {info['python']}. Devices: {o.devices}.\n")
     L.append(f"Command: `{command}`\n")
     L.append(f"Throughput: {o.steps} mini-batches per run (bp-gpipe/bp-1f1b: {o.steps} optimizer steps of m x {o.batch_size} images), "
-             "the first 10% untimed; each training image counted once. Peak memory: each process's peak RSS; growth: peak after the first training step "
+             "(ff-pipeline: the whole epochs that hold as many images), the first 10% untimed; each training image counted once. Peak memory: each process's peak RSS; growth: peak after the first training step "
              "minus RSS at that point (Linux clear_refs), i.e. what steady training adds"
-             + (" (GPU: peak allocated)" if o.devices.startswith("cuda") else "") + ".\n")
+             + (" (GPU memory, each layer's peak allocated: peak_gpu_mb in bench.json)" if o.devices.startswith("cuda") else "") + ".\n")
     rows = [r for r in records if r["kind"] == "throughput"]
     if rows:
         L.append("## Throughput\n")
@@ -400,13 +425,14 @@ def write_markdown(path: Path, records: list[dict], o: BenchOptions, info: dict,
     if any(r["kind"] == "memory" for r in mem):
         L.append("\n## Memory against batches in flight\n")
         L.append("ff-pipeline: the queue depth FFPIPE_HWM of every link (default 2); bp-gpipe: m micro-batches of "
-                 f"{o.batch_size} images per step. Run length: steps (a bp-gpipe step is m micro-batches).\n")
+                 f"{o.batch_size} images per step. Run length: batches trained (a bp-gpipe step of m micro-batches counts once; "
+                 "ff-pipeline trains whole epochs, so past one epoch of images it runs a little longer than asked).\n")
         L.append("| variant | in flight (queue / m) | run length | peak RSS MB per process (max) | total | growth in training MB (max) | samples/s |")
         L.append("|---|---:|---:|---:|---:|---:|---:|")
         for r in sorted(mem, key=lambda r: (r["variant"], _inflight(r), r["config"]["steps"])):
             peak = f"{r['peak_rss_mb_max']:,.0f}" if r.get("peak_rss_mb_max") else "-"
             total = f"{r['peak_rss_mb_total']:,.0f}" if r.get("peak_rss_mb_total") else "-"
-            L.append(f"| {r['variant']} | {_inflight(r)} | {r['config']['steps']} | {peak} | {total} | {_num(r.get('growth_mb_max'), '{:,.1f}')} | {_num(r.get('samples_per_s'))} |"
+            L.append(f"| {r['variant']} | {_inflight(r)} | {r.get('train_batches') or r['config']['steps']} | {peak} | {total} | {_num(r.get('growth_mb_max'), '{:,.1f}')} | {_num(r.get('samples_per_s'))} |"
                      + ("" if r["ok"] else f" failed: {r['error']} |"))
     acc = [r for r in records if r["kind"] == "accuracy"]
     if acc:
@@ -595,6 +621,8 @@ def bench(o: BenchOptions, command: str = "ffpipe bench", echo=print) -> dict:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out / "bench.json")
     write_markdown(out / "bench.md", records, o, info, command, result["stopped_after"])
+    for old in PLOTS:  # an earlier bench's plot that this one does not draw would sit beside the new bench.md
+        (out / old).unlink(missing_ok=True)
     plots = plot(out, records, o)
     echo(f"ffpipe bench: wrote {out}/bench.json, bench.md" + (", " + ", ".join(Path(p).name for p in plots) if plots else ""))
     if stopped is not None:

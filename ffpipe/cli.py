@@ -510,7 +510,7 @@ def bench(
     import sys
 
     from ffpipe import data as datasets
-    from ffpipe.bench import BenchOptions, bench as run_bench
+    from ffpipe.bench import BenchOptions, bench as run_bench, check_data
 
     try:
         widths = _parse_layers(layers)
@@ -524,18 +524,18 @@ def bench(
             max_epochs=max_epochs, negatives=negatives, seed=seed, timeout_s=timeout, accuracy_timeout_s=accuracy_timeout, pin=pin, repeats=repeats,
             keep_checkpoints=keep_checkpoints, out=str(out),
         )
-        if opts.devices.startswith("cuda"):
+        if opts.devices == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ValueError("--devices cuda: no CUDA device is visible")
-        elif opts.devices != "cpu":
-            raise ValueError(f"--devices must be cpu or cuda; got {devices!r}")
-        if opts.dataset not in ("synthetic", "digits"):
-            datasets.load(opts.dataset, data_dir, download=False)  # one clear error before any run starts
+        # one clear error before any run starts: missing data, or steps larger than it
+        check_data(opts, len(datasets.load(opts.dataset, data_dir, download=False).train))
         result = run_bench(opts, command="ffpipe " + " ".join(sys.argv[1:]), echo=lambda s: err.print(s, highlight=False))
     except (ValueError, DataError) as e:
         raise _fail(str(e)) from None
+    except OSError as e:  # --out that cannot be written (a file on the way, a full disk)
+        raise _fail(_os_error(e)) from None
     if not all(r["ok"] for r in result["records"]):
         failed = [r for r in result["records"] if not r["ok"]]
         err.print(f"[yellow]ffpipe bench: {len(failed)} of {len(result['records'])} runs failed; see {out}/bench.md[/yellow]", highlight=False)
@@ -563,7 +563,7 @@ def compose(
         else:
             Path(out).write_text(text)
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise _fail(_flag_named(str(e))) from None
     except OSError as e:
         raise _fail(f"{out}: {e.strerror}") from None
 

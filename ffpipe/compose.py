@@ -16,7 +16,7 @@ HEADER = """\
 # Written by `ffpipe compose` (ffpipe/compose.py): regenerate it there rather than edit it here.
 # One container per pipeline role (source, {layers}, sink); each binds its own port and finds the others by
 # service name. Every service gets the same training settings from x-ffpipe, so all build the same config.
-#   mkdir -p data runs   # MNIST in data/MNIST/raw/; runs/ must be writable by uid 1000 (the image's user)
+#   mkdir -p data runs   # {data}; runs/ must be writable by uid 1000 (the image's user)
 #   docker compose up    # FFPIPE_EPOCHS=1 docker compose up for a shorter run
 # Results: runs/compose/summary.json (sink) and layer<i>.pt (each layer).
 # depends_on chains source -> layer0 -> ... -> sink: they start downstream first and `docker compose stop`
@@ -31,6 +31,9 @@ HEADER = """\
 """
 
 
+DATA_HINTS = {"mnist": "MNIST in data/MNIST/raw/", "fashion-mnist": "Fashion-MNIST in data/FashionMNIST/raw/",
+              "cifar10": "CIFAR-10 in data/cifar-10-batches-py/", "fer2013": "FER2013 in data/fer2013/fer2013.csv",
+              "digits": "nothing: the digits come with scikit-learn", "synthetic": "nothing: the data is generated"}
 MAX_LAYERS = 256  # layer services a file may hold: each is a container with its own port (5551 + i)
 
 
@@ -42,6 +45,8 @@ def compose_file(layers: int, gpus: list[str] | None = None, preset: str = "quic
 
     if not 1 <= layers <= MAX_LAYERS:
         raise ValueError(f"--layers must be 1 to {MAX_LAYERS} (one service and one port per layer); got {layers}")
+    if width < 1:
+        raise ValueError(f"--width must be >= 1; got {width}")
     if dataset == "auto":  # each container would resolve it alone, and they must agree
         raise ValueError("--dataset auto is resolved per process; name the dataset, e.g. mnist")
     cfg = make(preset, dataset=dataset, layers=(width,) * layers, epochs=epochs)
@@ -115,7 +120,9 @@ def dump(doc: dict) -> str:
         services[name] = {_MERGE: shared, **own, "environment": {_MERGE: env, **own_env}}
     text = yaml.dump({**doc, "services": services}, Dumper=_yaml_dumper(), sort_keys=False, width=1000)
     layers = sum(1 for name in services if name.startswith("layer"))
-    return HEADER.format(layers=f"layer0..layer{layers - 1}" if layers > 1 else "layer0") + "\n" + text
+    dataset = env["FFPIPE_DATASET"]
+    data = DATA_HINTS.get(dataset, f"the {dataset} files in data/ (README, Datasets)")
+    return HEADER.format(layers=f"layer0..layer{layers - 1}" if layers > 1 else "layer0", data=data) + "\n" + text
 
 
 def probe() -> None:

@@ -51,8 +51,11 @@ def _valid_png(path: Path) -> bool:
 @pytest.mark.slow
 def test_every_variant_gives_a_plausible_record_and_plots(tmp_path):
     out = tmp_path / "bench"
+    out.mkdir()
+    (out / "accuracy.png").write_bytes(PNG)  # an earlier bench's, with --to-accuracy: this one draws none
     result = _bench(*TINY, "--in-flight", "1", "--out", out)
     assert result.exit_code == 0, result.output
+    assert not (out / "accuracy.png").exists()
     bench = json.loads((out / "bench.json").read_text())
     records = bench["records"]
     throughput = {r["variant"]: r for r in records if r["kind"] == "throughput"}
@@ -154,7 +157,12 @@ def test_killing_a_run_reaches_the_processes_it_started_in_sessions_of_their_own
 def test_bad_options_fail_with_one_line(tmp_path):
     for args, message in (
         (["--variants", "ff-inprocess,nonsense"], "--variants must be"),
-        (["--steps", "1"], "--steps must be >= 2"),
+        (["--steps", "2"], "--steps must be >= 3"),
+        (["--devices", "cuda:1"], "--devices must be cpu or cuda"),
+        (["--seed", str(2**63)], "--seed must be in [0, 2**63)"),
+        (["--batch-size", "2000000"], "--batch-size must be at most 1,048,576"),
+        (["--dataset", "digits", "-m", "8"], "bp-gpipe: a step of -m 8 x --batch-size 256 = 2,048 images exceeds the 1,437"),
+        (["--dataset", "digits", "--variants", "bp-gpipe", "--in-flight", "16"], "a step of --in-flight 16"),
         (["--to-accuracy", "98"], "accuracies in (0, 1]"),
         (["--devices", "tpu"], "--devices must be cpu or cuda"),
         (["--layers", "conv8k3,64"], "give widths"),
@@ -164,6 +172,9 @@ def test_bad_options_fail_with_one_line(tmp_path):
         assert result.exit_code == 1, (args, result.output)
         assert message in result.output.replace("\n", ""), (args, result.output)
     assert not (tmp_path / "b").exists()  # nothing started
+    (tmp_path / "file").write_text("")
+    result = _bench("--synthetic", "--out", tmp_path / "file" / "b")  # a file where a folder must be made
+    assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path / 'file' / 'b'}: Not a directory", result.output
 
 
 def test_steady_rate_leaves_out_the_warm_up():

@@ -57,6 +57,8 @@ def test_roles_find_each_other_through_the_headless_service():
         assert spec["containers"][0]["args"][:3] == ["run", "--role", role]
     for a in [*addrs, config["FFPIPE_SOURCE_ADDR"], config["FFPIPE_SINK_ADDR"]]:
         assert int(a.rpartition(":")[2]) in ports
+    # a rule across fields that the schema cannot check: the API refuses backoffLimitPerIndex with another policy
+    assert "backoffLimitPerIndex" not in layers["spec"] or pod["restartPolicy"] == "Never"
     for name in ("layers-job.yaml", "sink-job.yaml", "source-job.yaml"):  # every role: the same training flags, resumable, keyed
         (job,) = _docs(name)
         spec = job["spec"]["template"]["spec"]
