@@ -34,6 +34,7 @@ from ffpipe.transport import MAX_MSG_BYTES, STOPPED_ALONE
 from ffpipe.wire import MAX_TENSOR_BYTES
 
 STOP_GRACE_S = 10.0  # after a stop request, how long the pipeline may take to drain before it is killed
+STOP_PASS_GRACE_S = 10.0  # a layer gone this long while the role after it, restarted, lacks the stop: start it again
 
 
 class PipelineError(Exception):
@@ -127,6 +128,8 @@ class Launcher:
         self.show_progress = show_progress
         self.children: list[Child] = []
         self.stop_requested_at: float | None = None
+        self.gone_at: dict[int, float] = {}  # pid of a layer that exited 0 -> when the launcher first saw it gone
+        self.stop_passed: set[int] = set()  # pids of restarted roles whose missing final stop has been seen to
         self.resume = resume
 
     def _spawn(self, role: str, index: int | None, device: str, flags: list[str], resume: bool = False) -> Child:
@@ -268,11 +271,11 @@ class Launcher:
                         print(f"ffpipe: {c.name} (pid {c.proc.pid}) died: {what}; restarting it from its checkpoint "
                               f"(restart {done + 1} of {self.max_restarts})", file=sys.stderr, flush=True)
                         self.children[k] = self._spawn(c.role, c.index, c.device, self.flags)
-                        self._pass_the_stop_again(c)
                         self._write_run_json()
                         continue
                     after = f" after {done} restart{'s' if done != 1 else ''}" if done else ""
                     raise PipelineError(f"{c.name} (pid {c.proc.pid}) died: {what}{after}; stopped the rest")
+            self._pass_the_stop_again()
             if all(c.proc.poll() == 0 or (c.proc.poll() is not None and self._stopped(c, c.proc.poll())) for c in self.children):
                 summary = self.out / "summary.json"
                 return not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True)
@@ -281,20 +284,31 @@ class Launcher:
                 raise PipelineError(f"stop requested but {', '.join(alive)} did not finish within {STOP_GRACE_S:g}s; killed")
             time.sleep(0.1)  # polling child processes, not synchronizing with them
 
-    def _pass_the_stop_again(self, restarted: Child) -> None:
+    def _pass_the_stop_again(self) -> None:
         """A layer (after the first) or the sink restarted in the run's final stop, after the layer before it had
-        passed the stop on and exited: no one would send it again (the source resends it to layer 0 only). That
-        layer is started again; its checkpoint holds the stop, which it forwards, and it exits."""
-        if restarted.role == "source" or restarted.index == 0:
-            return  # the source resends an unconfirmed stop to layer 0
-        up = len(self.cfg.layers) - 1 if restarted.role == "sink" else restarted.index - 1
-        own = self.out / ("sink.pt" if restarted.role == "sink" else f"layer{restarted.index}.pt")
-        k, before = next((k, c) for k, c in enumerate(self.children) if c.role == "layer" and c.index == up)
-        if before.proc.poll() != 0 or holds_final_stop(own):  # it is still there to forward it, or the restarted has it
-            return
-        print(f"ffpipe: {before.name} had passed the run's stop on and exited; starting it again to pass the stop to "
-              f"the restarted {restarted.name}", file=sys.stderr, flush=True)
-        self.children[k] = self._spawn(before.role, before.index, before.device, self.flags, resume=True)
+        passed the stop on and exited: no one would send it again (the source resends it to layer 0 only). Once
+        that layer has been gone STOP_PASS_GRACE_S (time for a restarted role that did get the stop to keep it)
+        and the restarted role's checkpoint still lacks the stop, the layer is started again: its checkpoint holds
+        the stop, which it forwards, and it exits. Decided once per restarted process."""
+        now = time.monotonic()
+        for restarted in self.children:
+            if (restarted.name not in self.restarts or restarted.role == "source" or restarted.index == 0
+                    or restarted.proc.poll() is not None or restarted.proc.pid in self.stop_passed):
+                continue  # the source resends an unconfirmed stop to layer 0 itself
+            up = len(self.cfg.layers) - 1 if restarted.role == "sink" else restarted.index - 1
+            k, before = next((k, c) for k, c in enumerate(self.children) if c.role == "layer" and c.index == up)
+            if before.proc.poll() != 0:
+                continue  # still there to forward the stop when it comes
+            if now - self.gone_at.setdefault(before.proc.pid, now) < STOP_PASS_GRACE_S:
+                continue
+            self.stop_passed.add(restarted.proc.pid)
+            own = self.out / ("sink.pt" if restarted.role == "sink" else f"layer{restarted.index}.pt")
+            if holds_final_stop(own) or not holds_final_stop(self.out / f"layer{up}.pt"):
+                continue  # it has the stop; or the layer before left without the final stop (an interrupted run)
+            print(f"ffpipe: {before.name} had passed the run's stop on and exited; starting it again to pass the stop "
+                  f"to the restarted {restarted.name}", file=sys.stderr, flush=True)
+            self.children[k] = self._spawn(before.role, before.index, before.device, self.flags, resume=True)
+            self._write_run_json()
 
     def _kill_all(self) -> None:
         alive = [c for c in self.children if c.proc.poll() is None]

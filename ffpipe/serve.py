@@ -37,6 +37,9 @@ def check_predict(net: FFNet, mode: str | None) -> None:
     trained: its weights start at zero, and all-zero scores would name class 0 for every image."""
     if mode not in (None, *PREDICT_MODES):
         raise ValueError(f"--predict must be goodness, readout or both; got {mode!r}")
+    if mode == "both" and not net.cfg.competitive:
+        raise ValueError("--predict both needs a model trained with --loss competitive, whose class goodness is trained "
+                         "as a softmax (other losses' goodness is no probability to multiply)")
     if (mode or net.cfg.predict) in ("readout", "both") and not bool(net.readout.weight.any()):
         raise ValueError("this model's linear readout was never trained (its run did not use one; every weight is 0): "
                          "score it with --predict goodness")

@@ -156,10 +156,12 @@ class Sink:
             pass
 
     def _idle(self) -> bool:
-        """Every role has beaten and every layer's last beat said it waits for input: what the sink lacks now was
-        lost (a restart), not slow in coming (a first batch on a GPU can take seconds)."""
-        return self.roles <= self.heard.keys() and all(
-            said.get("state") == "waiting" for role, (_, said) in self.heard.items() if role.startswith("layer "))
+        """Every role of the run beats (heard within SILENT_S) and every layer's last beat said it waits for input:
+        what the sink lacks now was lost (a restart), not slow in coming (a first batch on a GPU can take seconds)
+        nor held by a stalled role (a stopped process beats no more)."""
+        now = time.monotonic()
+        return all(role in self.heard and now - self.heard[role][0] < transport.SILENT_S
+                   and (role == "source" or self.heard[role][1].get("state") == "waiting") for role in self.roles)
 
     def _gap(self, control: zmq.Socket) -> None:
         """A message is missing: ask the source to resend (once per GAP_REPORT_S for the same one)."""

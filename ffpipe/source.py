@@ -342,7 +342,7 @@ class Source:
             sent_at = time.monotonic()
             while not self.stop_confirmed and time.monotonic() - sent_at < self.cfg.retransmit_s:
                 self._drain(inbox, POLL_MS)
-            if time.monotonic() - t0 > self.timeout_s:
+            if not self.stop_confirmed and time.monotonic() - t0 > self.timeout_s:
                 raise transport.PeerTimeout(f"source: the sink did not confirm the stop within {self.timeout_s:g}s")
 
 

@@ -103,26 +103,38 @@ def test_eval_can_add_the_mirror_images_scores(trained):
     assert json.loads(_run("eval", "--checkpoint", trained).stdout.strip().splitlines()[-1])["tta_flip"] is False
 
 
-def test_eval_and_predict_can_score_by_the_readout_and_the_goodness_both(trained):
+def test_eval_and_predict_can_score_by_the_readout_and_the_goodness_both(trained, tmp_path):
     from ffpipe.data import load
     from ffpipe.model import evaluate
     from ffpipe.serve import load_model
 
-    result = _run("eval", "--checkpoint", trained, "--predict", "both")
+    refused = _run("eval", "--checkpoint", trained, "--predict", "both")  # the threshold loss: goodness is no probability
+    assert refused.exit_code == 1 and "--predict both needs a model trained with --loss competitive" in refused.output
+    competitive = tmp_path / "competitive"
+    assert _run("run", "--inprocess", "--dataset", "digits", "--layers", "64,64", "--epochs", "3", "--loss", "competitive",
+                "--peer-norm", "0", "--negatives", "random", "--predict", "readout", "--threads", "1", "--out", competitive,
+                "--quiet").exit_code == 0
+    result = _run("eval", "--checkpoint", competitive, "--predict", "both")
     assert result.exit_code == 0, result.output
     line = json.loads(result.stdout.strip().splitlines()[-1])
-    net, _ = load_model(trained)
+    net, _ = load_model(competitive)
     test = load("digits", "data").test
     assert line["predict"] == "both" and line["accuracy"] == pytest.approx(evaluate(net, test.x, test.y, mode="both")["accuracy"])
-    assert evaluate(net, test.x, test.y, mode="both")["accuracy"] != evaluate(net, test.x, test.y, mode="goodness")["accuracy"]
+    rows = [json.loads(r) for r in _run("predict", "--checkpoint", competitive, "--predict", "both", *_images(tmp_path, 2)).stdout.splitlines()]
+    assert len(rows) == 2 and all(max(r["scores"]) <= 0 for r in rows)  # log-probabilities
+
+
+def _images(folder, n):
+    paths = []
+    for i in range(n):
+        p = folder / f"digit{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
 
 
 def test_predict_classifies_image_files(trained, tmp_path):
-    paths = []
-    for i in range(2):
-        p = tmp_path / f"digit{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20), dtype=np.uint8)).save(p)
-        paths.append(p)
+    paths = _images(tmp_path, 2)
     result = _run("predict", "--checkpoint", trained, *paths)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
@@ -349,7 +361,6 @@ def test_flags_that_would_be_ignored_or_misread_are_refused_in_one_line(trained,
         (["run", "--dataset", "digits", "--device", "cuda", "--out", tmp_path / "r"], "a pipeline places its layers with --devices"),
         (["eval", "--checkpoint", untrained, "--predict", "readout"], "readout was never trained"),
         (["predict", "--checkpoint", untrained, "--predict", "readout", tmp_path / "file"], "readout was never trained"),
-        (["eval", "--checkpoint", untrained, "--predict", "both"], "readout was never trained"),
         (["eval", "--checkpoint", trained, "--confusion", tmp_path], "is a folder; give the PNG file to write"),
         (["bench", "--synthetic", "--out", tmp_path / "file"], "is a file; the bench writes a folder"),
         (["bench", "--synthetic", "--seed", "-1"], "--seed must be >= 0"),

@@ -513,6 +513,9 @@ def test_the_sink_calls_the_pipeline_idle_once_every_role_beats_and_every_layer_
     beat("layer 1", "working")  # a slow first batch
     assert not sink._idle()
     beat("layer 1", "waiting")
+    sink.heard["layer 0"] = (time.monotonic() - transport.SILENT_S - 1, sink.heard["layer 0"][1])
+    assert not sink._idle()  # a stopped or hung layer beats no more: a stall, not a loss
+    beat("layer 0", "waiting")
     take(_held(0, 1))  # the layers hold more: saved and acknowledged at once
     assert transport.recv(acks, 2000).scalars["idle"] is True
 
@@ -575,7 +578,8 @@ def _without_the_stop(path):
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("victim", ["layer 1", "sink"])
-def test_a_role_restarted_in_the_final_stop_gets_it_from_the_layer_before_which_had_gone(finished, tmp_path, victim):
+def test_a_role_restarted_in_the_final_stop_gets_it_from_the_layer_before_which_had_gone(finished, tmp_path, victim,
+                                                                                          monkeypatch):
     """Layer 1 (or the sink) dies in the final stop after the layer before it passed the stop on and exited: its
     checkpoint holds every batch but not the stop, nor does the sink's. The launcher restarts it and starts the
     layer before it again, which forwards the stop from its checkpoint; the sink takes it and the run finishes
@@ -583,10 +587,11 @@ def test_a_role_restarted_in_the_final_stop_gets_it_from_the_layer_before_which_
     import dataclasses
     import shutil
 
-    from ffpipe import data
+    from ffpipe import data, launcher as launcher_module
     from ffpipe.launcher import Child, Launcher
     from ffpipe.topology import Topology
 
+    monkeypatch.setattr(launcher_module, "STOP_PASS_GRACE_S", 1.0)  # how long the layer before must be gone first
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     for name in ("layer1.pt", "sink.pt") if victim == "layer 1" else ("sink.pt",):
