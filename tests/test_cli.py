@@ -363,7 +363,7 @@ def test_flags_that_would_be_ignored_or_misread_are_refused_in_one_line(trained,
         (["predict", "--checkpoint", untrained, "--predict", "readout", tmp_path / "file"], "readout was never trained"),
         (["eval", "--checkpoint", trained, "--confusion", tmp_path], "is a folder; give the PNG file to write"),
         (["bench", "--synthetic", "--out", tmp_path / "file"], "is a file; the bench writes a folder"),
-        (["bench", "--synthetic", "--seed", "-1"], "--seed must be >= 0"),
+        (["bench", "--synthetic", "--seed", "-1"], "--seed must be in [0, 2**63); got -1"),
         (["bench", "--synthetic", "--accuracy-timeout", "nan"], "must be finite and > 0"),
         (["compose", "--layers", "100000", "--out", "-"], "--layers must be 1 to 256"),
     ):
