@@ -128,11 +128,14 @@ class FFNet(nn.Module):
         The competitive loss needs one pass: each layer's class groups give every label's goodness at once."""
         b, c = x.shape[0], self.num_classes
         if self.cfg.competitive:
-            acts = self.activities(x)
-            return sum(layer.class_goodness(a) for layer, a in list(zip(self.layers, acts, strict=True))[self.first_scored :])
+            return self._class_goodness(self.activities(x))
         acts = self.activities(ff.overlay_all_labels(x, c, value))  # [(B*C, H)]
         total = sum(layer.goodness(a) for layer, a in list(zip(self.layers, acts, strict=True))[self.first_scored :])
         return total.view(b, c)
+
+    def _class_goodness(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        """The competitive loss's class goodness, summed over the scored layers. -> (B, C)"""
+        return sum(layer.class_goodness(a) for layer, a in list(zip(self.layers, acts, strict=True))[self.first_scored :])
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
@@ -141,8 +144,9 @@ class FFNet(nn.Module):
         class probabilities (with the competitive loss, the layers are trained to give softmax(goodness) that sense)."""
         value = self.label_value(x)
         mode = mode or self.cfg.predict
-        if mode == "both":
-            return F.log_softmax(self.neutral_logits(x, value), 1) + F.log_softmax(self.label_goodness(x, value), 1)
+        if mode == "both":  # the competitive loss (check_predict): one pass of the plain images gives both scores
+            acts = self.activities(x)
+            return F.log_softmax(self.readout(self.readout_features(acts)), 1) + F.log_softmax(self._class_goodness(acts), 1)
         if mode == "readout":
             return self.neutral_logits(x, value)
         return self.label_goodness(x, value)
