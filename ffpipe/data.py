@@ -503,6 +503,11 @@ def augment(images: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) 
         cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
         images = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
     if flip:
-        mirror = torch.rand(b, generator=gen) < 0.5
+        mirror = mirror_draw(b, gen)
         images = torch.where(mirror[:, None, None, None], images.flip(3), images)
     return images.contiguous()
+
+
+def mirror_draw(b: int, gen: torch.Generator) -> torch.Tensor:
+    """Which of `b` images `augment` mirrors: (B,) bool, one draw from `gen` (the source draws the same)."""
+    return torch.rand(b, generator=gen) < 0.5

@@ -32,7 +32,7 @@ import zmq
 
 from ffpipe import checkpoint, ff, transport
 from ffpipe.config import RunConfig
-from ffpipe.data import Data, augment, batch_indices, input_stats
+from ffpipe.data import Data, augment, batch_indices, input_stats, mirror_draw
 from ffpipe.model import fit_whitening, prepare_inputs
 from ffpipe.topology import Topology
 from ffpipe.wire import Message, Rejections, WireError
@@ -40,6 +40,7 @@ from ffpipe.wire import Message, Rejections, WireError
 EVAL_BATCH = 250  # images per evaluation message (each carries every label: EVAL_BATCH x C rows)
 POLL_MS = 100  # how often a blocked or waiting source looks at the sink's acknowledgements
 STOP_DRAIN_S = 3.0  # after a stop request, how long the source waits for what is in flight to be confirmed
+PREPARED_MAX_BYTES = 4 << 30  # the most memory a whitened run's source spends on inputs computed once
 
 
 def peak_rss_mb() -> float:
@@ -57,6 +58,7 @@ class Sent:
     idx: torch.Tensor | None = None  # train: which training images
     neg: torch.Tensor | None = None  # train: their wrong labels
     images: torch.Tensor | None = None  # train, with augmentation: the augmented uint8 images
+    mirror: torch.Tensor | None = None  # train, with inputs prepared once and --flip: which images are mirrored
     part: int = 0  # eval: which slice of the evaluation split
 
 
@@ -70,6 +72,7 @@ class Source:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.mean, self.std = input_stats(data, cfg.standardize, cfg.equalize)
         self.whiten = whitening(cfg, data, self.mean, self.std, Path(cfg.out), log=not quiet) if cfg.whiten else None
+        self.prepared = self._prepare_once(quiet) if cfg.whiten and not cfg.shift else None
         self.beliefs = torch.zeros(len(data.train), data.num_classes)  # readout logits per training image
         self.rejected = Rejections("source")  # malformed messages from the sink's side
         self.stopping = False
@@ -101,11 +104,40 @@ class Source:
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         return prepare_inputs(images, self.mean, self.std, self.cfg.standardize, self.cfg.equalize, self.whiten)
 
-    def _augmented(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """The batch's images after augmentation, or None when augmentation is off (the dataset's own)."""
-        if not self.cfg.shift and not self.cfg.flip:
+    def _prepare_once(self, quiet: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A whitened run's training inputs computed once, and with --flip their mirror images' too: whitening a
+        batch, a (B, D) @ (D, D) product, was most of the source's CPU time (about 25 ms of 55 for a CIFAR-10
+        batch of 100), taken from the cores the layers train on. Not with --shift, whose translations have too
+        many outcomes; None when the copies would take more than PREPARED_MAX_BYTES (then each batch is
+        whitened as it is sent)."""
+        train, flip = self.data.train.x, self.cfg.flip
+        n, d = len(train), self.data.num_features
+        size = (1 + flip) * n * d * 4
+        if size > PREPARED_MAX_BYTES:
+            if not quiet:
+                print(f"ffpipe source: whitening each batch as it is sent ({size / 2**30:.1f} GiB of inputs computed "
+                      f"once would pass {PREPARED_MAX_BYTES / 2**30:.0f} GiB)", flush=True)
             return None
-        return augment(self.data.train.x[idx], self.cfg.shift, self.cfg.flip, self.gen)
+        t0 = time.perf_counter()
+        plain = torch.empty(n, d)
+        mirrored = torch.empty(n, d) if flip else None
+        for i in range(0, n, 1000):
+            plain[i : i + 1000] = self._inputs(train[i : i + 1000])
+            if flip:
+                mirrored[i : i + 1000] = self._inputs(train[i : i + 1000].flip(3))
+        if not quiet:
+            print(f"ffpipe source: whitened the {n:,} training images{' and their mirror images' if flip else ''} once "
+                  f"({size / 2**20:,.0f} MB) in {time.perf_counter() - t0:.1f}s", flush=True)
+        return plain, mirrored
+
+    def _augmented(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(images, mirror): the batch's images after augmentation, or None when augmentation is off (the dataset's
+        own) or the inputs were prepared once; then, with --flip, which images are mirrored (`augment`'s draw)."""
+        if self.prepared is not None:
+            return None, mirror_draw(len(idx), self.gen) if self.cfg.flip else None
+        if not self.cfg.shift and not self.cfg.flip:
+            return None, None
+        return augment(self.data.train.x[idx], self.cfg.shift, self.cfg.flip, self.gen), None
 
     def _negatives(self, idx: torch.Tensor) -> torch.Tensor:
         labels = self.data.train.y[idx]
@@ -120,9 +152,9 @@ class Source:
         for epoch in range(cfg.epochs):
             for idx in batch_indices(len(self.data.train), cfg.batch_size, self.gen):
                 batch += 1
-                images, neg = self._augmented(idx), self._negatives(idx)  # in this order, as the in-process trainer
+                (images, mirror), neg = self._augmented(idx), self._negatives(idx)  # in this order, as the in-process trainer
                 if batch > self.skip:
-                    yield Sent(self.seq, "train", epoch, batch, idx, neg, images)
+                    yield Sent(self.seq, "train", epoch, batch, idx, neg, images, mirror)
                 self.seq += 1
             if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
                 for part in range(self.eval_batches()):
@@ -133,7 +165,11 @@ class Source:
     def train_message(self, s: Sent) -> Message:
         cfg, c = self.cfg, self.data.num_classes
         labels = self.data.train.y[s.idx]
-        x = self._inputs(self.data.train.x[s.idx] if s.images is None else s.images)
+        if self.prepared is not None:
+            plain, mirrored = self.prepared
+            x = plain[s.idx] if s.mirror is None else torch.where(s.mirror[:, None], mirrored[s.idx], plain[s.idx])
+        else:
+            x = self._inputs(self.data.train.x[s.idx] if s.images is None else s.images)
         tensors = {"x": x, "y": labels, "idx": s.idx}  # each image once: layer 0 writes the labels in
         if not cfg.competitive:  # the competitive loss learns from the labels alone, with no negatives
             tensors["neg"] = s.neg

@@ -31,11 +31,16 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("inputs", [[], ["--standardize", "--whiten", "0.1"]], ids=["plain", "whitened"])
+WHITENED = ["--standardize", "--whiten", "0.1"]
+
+
+@pytest.mark.parametrize("inputs", [["--shift", "1"], ["--shift", "1", *WHITENED], ["--flip", *WHITENED]],
+                         ids=["plain", "whitened", "whitened-prepared-once"])
 def test_pipeline_applies_the_same_updates_as_in_process(tmp_path, inputs, capfd):
-    # with augmentation on, so the source must draw shifts from the generator exactly as the trainer does; whitened,
-    # the source's ZCA fit (saved in whitening.pt, assembled into the model) must be the trainer's
-    common = [*SMALL, "--layers", "48,32,32", "--epochs", "2", "--negatives", "random", "--seed", "3", "--shift", "1", *inputs]
+    # with augmentation on, so the source must draw shifts and flips from the generator exactly as the trainer does;
+    # whitened, the source's ZCA fit (saved in whitening.pt, assembled into the model) must be the trainer's; whitened
+    # without shifts, the source sends rows of the inputs it computed once (and their mirror images')
+    common = [*SMALL, "--layers", "48,32,32", "--epochs", "2", "--negatives", "random", "--seed", "3", *inputs]
     said = _cli("run", *common, "--out", tmp_path / "pipe").output
     said += _cli("run", "--inprocess", *common, "--out", tmp_path / "inproc").output
     said += "".join(capfd.readouterr())  # what the role processes wrote
@@ -49,6 +54,28 @@ def test_pipeline_applies_the_same_updates_as_in_process(tmp_path, inputs, capfd
     s, r = _summary(tmp_path / "pipe"), _summary(tmp_path / "inproc")
     assert s["mode"] == "pipeline" and r["mode"] == "inprocess"
     assert s["test_accuracy"] == pytest.approx(r["test_accuracy"])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_whitened_source_computes_the_training_inputs_once_and_sends_what_it_computed_per_batch(tmp_path, monkeypatch, flip):
+    from ffpipe import config, data, source
+    from ffpipe.topology import Topology
+
+    cfg = config.preset("quick", layers=(16, 16), epochs=2, batch_size=50, negatives="random", standardize=True,
+                        whiten=0.1, flip=flip, out=str(tmp_path))
+    digits = data.load("digits", "")
+    once = source.Source(cfg, digits, Topology.local(2), quiet=True)
+    monkeypatch.setattr(source, "PREPARED_MAX_BYTES", 0)  # too little room: each batch whitened as it is sent
+    each = source.Source(cfg, digits, Topology.local(2), quiet=True)
+    assert once.prepared is not None and (once.prepared[1] is not None) == flip and each.prepared is None
+    mirrored = 0
+    for a, b in zip(once.stream(), each.stream(), strict=True):
+        ma, mb = once.message(a), each.message(b)
+        assert (ma.kind, ma.seq, ma.scalars) == (mb.kind, mb.seq, mb.scalars) and ma.tensors.keys() == mb.tensors.keys()
+        for key in ma.tensors:
+            assert_close(ma.tensors[key], mb.tensors[key], msg=key)
+        mirrored += int(a.mirror.sum()) if a.mirror is not None else 0
+    assert (mirrored > 0) == flip  # the mirrored rows were compared too
 
 
 @pytest.mark.parametrize("flags", [
