@@ -40,7 +40,7 @@ from ffpipe.wire import Message, Rejections, WireError
 EVAL_BATCH = 250  # images per evaluation message (each carries every label: EVAL_BATCH x C rows)
 POLL_MS = 100  # how often a blocked or waiting source looks at the sink's acknowledgements
 STOP_DRAIN_S = 3.0  # after a stop request, how long the source waits for what is in flight to be confirmed
-PREPARED_MAX_BYTES = 4 << 30  # the most memory a whitened run's source spends on inputs computed once
+PREPARED_MAX_BYTES = 2 << 30  # the most memory a whitened run's source spends on inputs computed once (its k8s limit: 4 Gi)
 
 
 def peak_rss_mb() -> float:
